@@ -1,0 +1,85 @@
+"""Settings: one frozen object, filled from environment variables and then flags.
+
+Every setting has a named default and an environment variable
+``OLLAMA_MIRROR_<NAME>``; a bad value is an error that names the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+DEFAULT_LISTEN = "0.0.0.0:11435"
+DEFAULT_UPSTREAM = "https://registry.ollama.ai"
+DEFAULT_CACHE_DIR = Path("~/.cache/ollama-mirror").expanduser()
+ENV_PREFIX = "OLLAMA_MIRROR_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names the key."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    listen: str = DEFAULT_LISTEN
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    upstream: str = DEFAULT_UPSTREAM
+    offline: bool = False
+    connections: int = 8  # parallel Range requests per fill
+    chunk_size: int = 16 << 20  # unit of the fill's chunk map
+    manifest_ttl: float = 600.0  # seconds a cached tag is served without asking upstream
+    negative_ttl: float = 30.0  # seconds an upstream 404 for a tag is remembered
+    revalidate_timeout: float = 5.0  # how long a client waits on upstream before a stale manifest
+    connect_timeout: float = 10.0
+    stall_timeout: float = 20.0  # no byte for this long: the range is resumed on a new connection
+    max_retries: int = 10  # tries per chunk without progress before the fill fails
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        scheme = urlsplit(self.upstream).scheme
+        if scheme not in ("http", "https") or not urlsplit(self.upstream).hostname:
+            raise SettingsError(f"upstream: {self.upstream!r} is not an http(s) URL")
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise SettingsError(f"listen: {self.listen!r} is not HOST:PORT")
+        for key in ("connections", "chunk_size", "max_retries"):
+            if getattr(self, key) < 1:
+                raise SettingsError(f"{key}: must be at least 1, not {getattr(self, key)}")
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def _convert(key: str, kind: type, text: str) -> object:
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(text)
+            return lowered in ("1", "true", "yes", "on")
+        if kind is Path:
+            return Path(text).expanduser()
+        return kind(text)
+    except ValueError:
+        raise SettingsError(f"{key}: {text!r} is not a valid {kind.__name__}") from None
+
+
+def load_settings(flags: Mapping[str, object], environ: Mapping[str, str]) -> Settings:
+    """Settings from ``OLLAMA_MIRROR_*`` variables, overridden by flags that were given."""
+    kinds = {f.name: (Path if f.name == "cache_dir" else type(f.default)) for f in fields(Settings)}
+    values: dict[str, object] = {}
+    for key, kind in kinds.items():
+        text = environ.get(ENV_PREFIX + key.upper())
+        if text is not None:
+            values[key] = _convert(ENV_PREFIX + key.upper(), kind, text)
+    for key, value in flags.items():
+        if value is not None:
+            values[key] = _convert(f"--{key.replace('_', '-')}", kinds[key], str(value))
+    return Settings(**values)  # type: ignore[arg-type]

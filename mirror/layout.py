@@ -1,0 +1,95 @@
+"""Every on-disk path of the cache, decided in one place.
+
+The cache directory is an Ollama models directory, so it can be handed to
+Ollama as ``OLLAMA_MODELS`` or copied to an offline machine as it is::
+
+    <root>/
+      blobs/sha256-<hex>                             verified blobs only
+      manifests/<host>/<namespace>/<model>/<tag>     raw manifest bytes, as upstream sent them
+      .mirror/                                       ours; Ollama never looks here
+        manifests/sha256-<hex>                       every manifest we served, by its digest
+        staging/sha256-<hex>.data                    a blob being filled (preallocated)
+        staging/sha256-<hex>.lock                    flock: which process owns the fill
+        staging/tmp-*                                manifests being written
+        meta/                                        diskcache: fetch times, access times, fill progress
+
+Nothing reaches ``blobs/`` or ``manifests/`` except by an atomic rename of a
+file whose content was checked first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .names import Digest, Name
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    host: str  # the upstream registry host as Ollama writes it: "registry.ollama.ai", "host:port"
+
+    @property
+    def blobs(self) -> Path:
+        return self.root / "blobs"
+
+    @property
+    def manifests(self) -> Path:
+        return self.root / "manifests"
+
+    @property
+    def state(self) -> Path:
+        return self.root / ".mirror"
+
+    @property
+    def staging(self) -> Path:
+        return self.state / "staging"
+
+    @property
+    def meta(self) -> Path:
+        return self.state / "meta"
+
+    @property
+    def manifests_by_digest(self) -> Path:
+        return self.state / "manifests"
+
+    def blob(self, digest: Digest) -> Path:
+        return self.blobs / f"sha256-{digest.hex}"
+
+    def staging_data(self, digest: Digest) -> Path:
+        return self.staging / f"sha256-{digest.hex}.data"
+
+    def staging_lock(self, digest: Digest) -> Path:
+        return self.staging / f"sha256-{digest.hex}.lock"
+
+    def manifest(self, name: Name, tag: str) -> Path:
+        # Ollama lowercases every part of a manifest path; so do we, so lookups agree.
+        path = self.manifests / self.host / name.namespace.lower() / name.model.lower() / tag.lower()
+        return self._contained(path, self.manifests)
+
+    def manifest_by_digest(self, digest: Digest) -> Path:
+        return self.manifests_by_digest / f"sha256-{digest.hex}"
+
+    def make_dirs(self) -> None:
+        for path in (self.blobs, self.manifests, self.staging, self.meta, self.manifests_by_digest):
+            path.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _contained(path: Path, parent: Path) -> Path:
+        """Refuse any path that would leave ``parent`` (names are validated; this is the backstop)."""
+        if os.path.commonpath([os.path.abspath(path), os.path.abspath(parent)]) != os.path.abspath(parent):
+            raise ValueError(f"path {path} escapes {parent}")
+        return path
+
+
+def registry_host(upstream_url: str) -> str:
+    """The host part Ollama puts in manifest paths for this upstream URL."""
+    parts = urlsplit(upstream_url)
+    host = parts.hostname or ""
+    default_port = {"https": 443, "http": 80}.get(parts.scheme)
+    if parts.port and parts.port != default_port:
+        return f"{host}:{parts.port}"
+    return host

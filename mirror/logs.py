@@ -1,0 +1,62 @@
+"""Logging set-up and the access log: one line per request a person can act on."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access = logging.getLogger("mirror.access")
+
+
+def configure(level: str = "info") -> None:
+    """Plain ``time level logger message`` lines on stderr; httpx's own request lines muted."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(_AbortedResponses())
+
+
+class _AbortedResponses(logging.Filter):
+    """A blob response cut short on purpose (its fill failed) is logged by us, as a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "returned without completing response" not in record.getMessage()
+
+
+class AccessLog:
+    """``GET /v2/... 206 bytes=N ms=N cache=hit`` after each response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        sent = {"status": 0, "bytes": 0}
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                sent["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            state = scope.get("state", {})
+            access.info(
+                "%s %s %d bytes=%d ms=%.0f cache=%s%s",
+                scope["method"], scope["path"], sent["status"], sent["bytes"],
+                (time.perf_counter() - started) * 1000, state.get("cache", "-"),
+                f" outcome={state['outcome']!r}" if "outcome" in state else "",
+            )

@@ -1,0 +1,194 @@
+"""Pull-through manifests: served from the store while fresh, revalidated after a TTL,
+served stale when upstream is slow or gone.
+
+Tags move, so a cached tag is trusted for ``manifest_ttl`` seconds and then asked
+about again; a client waits at most ``revalidate_timeout`` for that answer
+before it gets the cached copy, marked stale. The raw bytes are kept exactly as
+upstream sent them: Ollama's model ID is their sha256.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cachetools import LRUCache, TTLCache
+
+from .config import Settings
+from .errors import DigestInvalid, ManifestUnknown, UpstreamError, UpstreamInvalid, UpstreamRefused
+from .metadata import ManifestRecord, Metadata
+from .names import Digest, Name
+from .store import BlobStore
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+MANIFEST_TYPES = (MANIFEST_V2, "application/vnd.oci.image.manifest.v1+json")
+
+
+@dataclass(frozen=True, slots=True)
+class CachedManifest:
+    data: bytes
+    digest: Digest
+    media_type: str
+    fetched_at: float  # unix time upstream last confirmed it; 0 when unknown
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestAnswer:
+    manifest: CachedManifest
+    cache: str  # "hit", "miss" (fetched now), "revalidated" or "stale"
+
+
+def parse_manifest(data: bytes) -> tuple[str, dict[Digest, int]]:
+    """Check that ``data`` is an image manifest; return its media type and its blobs' sizes."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        raise UpstreamInvalid("upstream manifest is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
+        raise UpstreamInvalid("upstream manifest is not a schema 2 image manifest")
+    descriptors = [doc.get("config")] + list(doc.get("layers") or [])
+    sizes: dict[Digest, int] = {}
+    for item in descriptors:
+        if not isinstance(item, dict) or not isinstance(item.get("size"), int) or item["size"] < 0:
+            raise UpstreamInvalid("upstream manifest has a layer without a valid size")
+        try:
+            sizes[Digest.parse(str(item.get("digest", "")))] = item["size"]
+        except DigestInvalid:
+            raise UpstreamInvalid("upstream manifest has a layer with an invalid digest") from None
+    media_type = doc.get("mediaType")
+    return (media_type if media_type in MANIFEST_TYPES else MANIFEST_V2), sizes
+
+
+class ManifestService:
+    def __init__(self, store: BlobStore, meta: Metadata, upstream: Upstream, settings: Settings) -> None:
+        self._store, self._meta, self._upstream = store, meta, upstream
+        self._host = store.layout.host
+        self._settings = settings
+        self._memory: LRUCache[tuple[str, str, str], CachedManifest] = LRUCache(maxsize=4096)
+        self._by_digest: LRUCache[Digest, CachedManifest] = LRUCache(maxsize=4096)
+        self._missing: TTLCache[tuple[str, str, str], bool] = TTLCache(maxsize=4096, ttl=settings.negative_ttl)
+        self._inflight: dict[tuple[object, ...], asyncio.Task[CachedManifest]] = {}
+
+    async def by_tag(self, name: Name, tag: str, client_headers: Mapping[str, str]) -> ManifestAnswer:
+        key = (name.namespace.lower(), name.model.lower(), tag.lower())
+        local = self._memory.get(key) or await asyncio.to_thread(self._load, name, tag)
+        if local is not None:
+            self._remember(key, local)
+        if self._settings.offline:
+            if local is None:
+                raise ManifestUnknown(f"{name}:{tag} is not cached and the mirror is offline")
+            return ManifestAnswer(local, "hit")
+        if local is not None and time.time() - local.fetched_at < self._settings.manifest_ttl:
+            return ManifestAnswer(local, "hit")
+        if local is None and key in self._missing:
+            raise ManifestUnknown(f"manifest {name}:{tag} is unknown to upstream")
+        task = self._fetch_once(key, name, tag, client_headers)
+        if local is None:
+            try:
+                return ManifestAnswer(await asyncio.shield(task), "miss")
+            except UpstreamRefused as exc:
+                if exc.status == 404:
+                    self._missing[key] = True
+                    raise ManifestUnknown(f"manifest {name}:{tag} is unknown to upstream") from exc
+                raise
+        return await self._revalidated(name, tag, local, task)
+
+    async def _revalidated(
+        self, name: Name, tag: str, local: CachedManifest, task: asyncio.Task[CachedManifest]
+    ) -> ManifestAnswer:
+        """Upstream's answer if it comes in time; else the cached copy, marked stale."""
+        try:
+            fresh = await asyncio.wait_for(asyncio.shield(task), self._settings.revalidate_timeout)
+            return ManifestAnswer(fresh, "revalidated")
+        except TimeoutError:
+            reason = f"upstream did not answer within {self._settings.revalidate_timeout:g}s"
+        except UpstreamRefused as exc:
+            if exc.status != 404:
+                raise  # 412 and kin: the client must see them (a newer Ollama is needed)
+            reason = "upstream answered 404; keeping the cached tag"
+        except UpstreamError as exc:
+            reason = str(exc)
+        log.warning("manifest stale name=%s tag=%s digest=%s reason=%s", name, tag, local.digest.short, reason)
+        return ManifestAnswer(local, "stale")
+
+    def _fetch_once(
+        self, key: tuple[str, str, str], name: Name, tag: str, client_headers: Mapping[str, str]
+    ) -> asyncio.Task[CachedManifest]:
+        """One upstream request per tag (and User-Agent: the registry answers by it) at a time."""
+        headers = {
+            "User-Agent": client_headers.get("user-agent", ""),
+            "Accept": client_headers.get("accept") or MANIFEST_V2,
+        }
+        flight = (*key, headers["User-Agent"])
+        task = self._inflight.get(flight)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch(key, name, tag, headers))
+            self._inflight[flight] = task
+            task.add_done_callback(lambda t: self._landed(flight, t))
+        return task
+
+    def _landed(self, flight: tuple[object, ...], task: asyncio.Task[CachedManifest]) -> None:
+        self._inflight.pop(flight, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an answer nobody waited for is not reported as lost
+
+    async def _fetch(
+        self, key: tuple[str, str, str], name: Name, tag: str, headers: Mapping[str, str]
+    ) -> CachedManifest:
+        fetched = await self._upstream.get_manifest(name, tag, headers)
+        media_type, sizes = parse_manifest(fetched.data)
+        manifest = CachedManifest(
+            fetched.data, Digest(hashlib.sha256(fetched.data).hexdigest()), media_type, time.time()
+        )
+        await asyncio.to_thread(self._save, name, tag, manifest, sizes)
+        self._remember(key, manifest)
+        self._missing.pop(key, None)
+        log.info("manifest fetched name=%s tag=%s digest=%s bytes=%d", name, tag, manifest.digest.short,
+                 len(manifest.data))
+        return manifest
+
+    def _save(self, name: Name, tag: str, manifest: CachedManifest, sizes: dict[Digest, int]) -> None:
+        self._store.write_manifest(name, tag, manifest.data, manifest.digest)
+        self._meta.set_blob_sizes(sizes)
+        record = ManifestRecord(manifest.fetched_at, self._upstream.base_url, str(manifest.digest))
+        self._meta.set_manifest(self._host, name, tag, record)
+
+    def _load(self, name: Name, tag: str) -> CachedManifest | None:
+        data = self._store.read_manifest(name, tag)
+        if data is None:
+            return None
+        record = self._meta.manifest(self._host, name, tag)
+        media_type = _media_type_of(data)
+        digest = Digest(hashlib.sha256(data).hexdigest())
+        fetched_at = record.fetched_at if record is not None and record.digest == str(digest) else 0.0
+        return CachedManifest(data, digest, media_type, fetched_at)
+
+    def _remember(self, key: tuple[str, str, str], manifest: CachedManifest) -> None:
+        self._memory[key] = manifest
+        self._by_digest[manifest.digest] = manifest
+
+    async def by_digest(self, digest: Digest) -> CachedManifest:
+        """A manifest by digest: only from the store, since the registry does not answer these."""
+        manifest = self._by_digest.get(digest)
+        if manifest is None:
+            data = await asyncio.to_thread(self._store.read_manifest_by_digest, digest)
+            if data is None:
+                raise ManifestUnknown(f"manifest {digest} is not in the mirror")
+            manifest = CachedManifest(data, digest, _media_type_of(data), 0.0)
+            self._by_digest[digest] = manifest
+        return manifest
+
+
+def _media_type_of(data: bytes) -> str:
+    try:
+        return parse_manifest(data)[0]
+    except UpstreamInvalid:
+        return MANIFEST_V2

@@ -1,0 +1,81 @@
+"""Persistent metadata in diskcache: manifest fetch times, blob sizes and access, fill progress.
+
+diskcache is SQLite underneath: safe across processes, and blocking, so async
+callers go through ``asyncio.to_thread``. Keys are namespaced strings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from .names import Digest, Name
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    fetched_at: float  # when upstream last confirmed this tag (unix time)
+    source: str  # the upstream URL it came from
+    digest: str
+
+
+class Metadata:
+    def __init__(self, directory: Path) -> None:
+        self._cache = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**40)
+
+    def close(self) -> None:
+        self._cache.close()
+
+    # -- manifests --------------------------------------------------------------
+
+    @staticmethod
+    def _manifest_key(host: str, name: Name, tag: str) -> str:
+        return f"manifest:{host}/{name.namespace.lower()}/{name.model.lower()}:{tag.lower()}"
+
+    def manifest(self, host: str, name: Name, tag: str) -> ManifestRecord | None:
+        value = self._cache.get(self._manifest_key(host, name, tag))
+        return ManifestRecord(**value) if isinstance(value, dict) else None
+
+    def set_manifest(self, host: str, name: Name, tag: str, record: ManifestRecord) -> None:
+        self._cache.set(self._manifest_key(host, name, tag), asdict(record))
+
+    # -- blobs ------------------------------------------------------------------
+
+    def blob_size(self, digest: Digest) -> int | None:
+        """The size a manifest or upstream gave for this blob: lets HEAD answer without upstream."""
+        value = self._cache.get(f"size:{digest.hex}")
+        return value if isinstance(value, int) else None
+
+    def set_blob_sizes(self, sizes: dict[Digest, int]) -> None:
+        with self._cache.transact():
+            for digest, size in sizes.items():
+                self._cache.set(f"size:{digest.hex}", size)
+
+    def forget_blob_size(self, digest: Digest) -> None:
+        self._cache.delete(f"size:{digest.hex}")
+
+    def touch_blob(self, digest: Digest, when: float | None = None) -> None:
+        self._cache.set(f"access:{digest.hex}", when if when is not None else time.time())
+
+    def blob_access(self, digest: Digest) -> float | None:
+        value = self._cache.get(f"access:{digest.hex}")
+        return value if isinstance(value, float) else None
+
+    # -- fill progress ----------------------------------------------------------
+
+    def fill_progress(self, digest: Digest) -> dict[str, Any] | None:
+        value = self._cache.get(f"fill:{digest.hex}")
+        return value if isinstance(value, dict) else None
+
+    def set_fill_progress(self, digest: Digest, progress: dict[str, Any]) -> None:
+        self._cache.set(f"fill:{digest.hex}", progress)
+
+    def forget_fill(self, digest: Digest) -> None:
+        self._cache.delete(f"fill:{digest.hex}")
+
+    def fills_in_progress(self) -> set[str]:
+        return {key[5:] for key in self._cache.iterkeys() if isinstance(key, str) and key.startswith("fill:")}

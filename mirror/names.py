@@ -1,0 +1,84 @@
+"""Model names, references and digests: parsed once at the edge, immutable after.
+
+The rules follow Ollama's ``types/model/name.go``: parts are made of letters,
+digits, ``_``, ``-`` and ``.``; a namespace has no ``.``. We are stricter where
+a part becomes a directory name: no leading ``.`` or ``-``, no ``..``, so no
+part can ever mean anything to the filesystem but itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import DigestInvalid, NameInvalid
+
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+MAX_PART = 80
+
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_NAMESPACE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_part(kind: str, text: str, pattern: re.Pattern[str]) -> str:
+    if not (0 < len(text) <= MAX_PART) or not pattern.fullmatch(text) or ".." in text:
+        raise NameInvalid(f"invalid {kind} {text[:100]!r} in model name", part=kind)
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A sha256 digest; ``hex`` is 64 lowercase hex digits."""
+
+    hex: str
+
+    @classmethod
+    def parse(cls, text: str) -> Digest:
+        algo, sep, hex_ = text.partition(":")
+        if not sep:  # Ollama's file-name form, sha256-<hex>
+            algo, sep, hex_ = text.partition("-")
+        if algo != "sha256" or not _HEX64.fullmatch(hex_):
+            raise DigestInvalid(f"invalid digest {text[:100]!r}: expected sha256:<64 hex digits>")
+        return cls(hex_)
+
+    @classmethod
+    def is_digest(cls, text: str) -> bool:
+        return text.startswith("sha256:")
+
+    def __str__(self) -> str:
+        return f"sha256:{self.hex}"
+
+    @property
+    def short(self) -> str:
+        """12 hex digits: enough to tell blobs apart in a log line."""
+        return f"sha256:{self.hex[:12]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    """``namespace/model`` as the registry paths carry it (host is the upstream's)."""
+
+    namespace: str
+    model: str
+
+    @classmethod
+    def parse(cls, text: str) -> Name:
+        parts = text.split("/")
+        if len(parts) == 1:
+            parts = [DEFAULT_NAMESPACE, parts[0]]
+        if len(parts) != 2:
+            raise NameInvalid(f"invalid model name {text[:100]!r}: expected namespace/model")
+        namespace = _check_part("namespace", parts[0], _NAMESPACE)
+        model = _check_part("model", parts[1], _PART)
+        return cls(namespace, model)
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.model}"
+
+
+def parse_tag(text: str) -> str:
+    """A tag, as it may appear in a manifest path or a user's ``model:tag``."""
+    return _check_part("tag", text, _PART)
+

@@ -1,0 +1,82 @@
+"""The registry's URL patterns and their handlers.
+
+Path parameters are parsed into ``Name``, ``Digest`` and tags before anything
+else happens, so nothing unvalidated reaches the store. Push methods are
+registered on purpose, to answer UNSUPPORTED rather than a bare 404.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .blobs import BlobService
+from .errors import RouteUnknown, Unsupported
+from .manifests import ManifestService
+from .names import Digest, Name, parse_tag
+from .ranges import parse_range
+from .responses import BlobResponse, HeadResponse, blob_headers, manifest_response
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+def _read_only(request: Request) -> None:
+    if request.method not in ("GET", "HEAD"):
+        raise Unsupported(f"{request.method} is not supported: this is a read-only mirror")
+
+
+async def v2_root(request: Request) -> Response:
+    _read_only(request)
+    return JSONResponse({}, headers=API_VERSION)
+
+
+async def manifest(request: Request) -> Response:
+    _read_only(request)
+    name = Name.parse(request.path_params["name"])
+    reference = request.path_params["reference"]
+    service: ManifestService = request.app.state.manifests
+    head = request.method == "HEAD"
+    if Digest.is_digest(reference):
+        found = await service.by_digest(Digest.parse(reference))
+        cache = "hit"
+    else:
+        answer = await service.by_tag(name, parse_tag(reference), request.headers)
+        found, cache = answer.manifest, answer.cache
+    request.state.cache = cache
+    return manifest_response(found, head, cache)
+
+
+async def blob(request: Request) -> Response | BlobResponse:
+    _read_only(request)
+    name = Name.parse(request.path_params["name"])
+    digest = Digest.parse(request.path_params["digest"])
+    service: BlobService = request.app.state.blobs
+    if request.method == "HEAD":
+        return HeadResponse(blob_headers(str(digest), await service.size(name, digest)))
+    body = await service.open(name, digest)
+    try:
+        header = request.headers.get("range")
+        spans = parse_range(header, body.size) if header is not None else None
+    except Exception:
+        body.close()
+        raise
+    return BlobResponse(body, spans, str(request.url.replace(query="")))
+
+
+async def push(request: Request) -> Response:
+    raise Unsupported("pushing is not supported: this is a read-only mirror")
+
+
+async def unknown(request: Request) -> Response:
+    raise RouteUnknown(f"no such endpoint: {request.method} {request.url.path}")
+
+
+routes = [
+    Route("/v2/", v2_root, methods=ALL_METHODS),
+    Route("/v2/{name:path}/blobs/uploads/{rest:path}", push, methods=ALL_METHODS),
+    Route("/v2/{name:path}/manifests/{reference}", manifest, methods=ALL_METHODS),
+    Route("/v2/{name:path}/blobs/{digest}", blob, methods=ALL_METHODS),
+    Route("/{path:path}", unknown, methods=ALL_METHODS),
+]

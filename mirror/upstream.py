@@ -1,0 +1,306 @@
+"""The upstream registry and its CDN, over httpx. The only module that imports httpx.
+
+Above this module nothing sees an httpx exception or a status code: failures
+become ``UpstreamError`` subclasses (see ``errors.py``), picked by what the
+caller should do next (retry, resolve again, give up, pass through).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from cachetools import TTLCache
+
+from . import __version__
+from .errors import (
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamRefused,
+    UpstreamStalled,
+    UpstreamUnavailable,
+    UpstreamUrlExpired,
+)
+from .names import Digest, Name
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST_BYTES = 4 << 20  # real manifests are a few KiB; anything near this is hostile
+MAX_REDIRECTS = 5
+_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass(frozen=True)
+class BlobLocation:
+    """Where a blob's bytes are fetched from, resolved once per fill."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)  # credentials, only for the registry's own host
+    version: int = 0  # bumped on every resolve, so concurrent re-resolves collapse into one
+
+
+@dataclass(frozen=True)
+class Manifest:
+    data: bytes
+    content_type: str
+
+
+class Upstream:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 10.0,
+        stall_timeout: float = 20.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._origin = _origin(self.base_url)
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect_timeout, read=stall_timeout, write=connect_timeout, pool=None),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=16),
+            headers={"User-Agent": f"ollama-mirror/{__version__}"},
+            transport=transport,
+        )
+        self._tokens: TTLCache[str, str] = TTLCache(maxsize=1024, ttl=240)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # -- registry requests, with token challenges --------------------------------
+
+    async def _registry_send(
+        self, method: str, url: str, name: Name, headers: Mapping[str, str], *, follow: bool = False
+    ) -> httpx.Response:
+        """Send to the registry (streamed); answer one Bearer challenge with an anonymous token."""
+        for attempt in range(2):
+            sent = dict(headers)
+            token = self._tokens.get(str(name))
+            if token:
+                sent["Authorization"] = f"Bearer {token}"
+            request = self.client.build_request(method, url, headers=sent)
+            with _mapped(url):
+                response = await self.client.send(request, stream=True, follow_redirects=follow)
+            challenge = response.headers.get("WWW-Authenticate", "")
+            if response.status_code != 401 or attempt or not challenge.lower().startswith("bearer"):
+                return response
+            await response.aclose()
+            self._tokens[str(name)] = await self._fetch_token(challenge, url)
+        raise AssertionError("unreachable")
+
+    async def _fetch_token(self, challenge: str, url: str) -> str:
+        params = dict(_CHALLENGE_PARAM.findall(challenge))
+        realm = params.pop("realm", "")
+        if urlsplit(realm).scheme not in ("http", "https"):
+            raise UpstreamInvalid(f"token challenge from {url} names no usable realm")
+        with _mapped(realm):
+            response = await self.client.get(realm, params=params)
+        if response.status_code != 200:
+            raise UpstreamRefused(f"token request to {realm} answered {response.status_code}", response.status_code)
+        try:
+            body = response.json()
+            return str(body.get("token") or body["access_token"])
+        except (ValueError, KeyError, AttributeError):
+            raise UpstreamInvalid(f"token response from {realm} has no token") from None
+
+    # -- manifests ---------------------------------------------------------------
+
+    async def get_manifest(self, name: Name, tag: str, headers: Mapping[str, str]) -> Manifest:
+        """The raw manifest bytes for a tag. ``headers``: User-Agent and Accept from the client."""
+        url = f"{self.base_url}/v2/{name}/manifests/{tag}"
+        response = await self._registry_send("GET", url, name, headers)
+        try:
+            if response.status_code != 200:
+                body = await _read_capped(response, 64 << 10, url)
+                raise _status_error(response, url, body)
+            data = await _read_capped(response, MAX_MANIFEST_BYTES, url)
+            return Manifest(data, response.headers.get("Content-Type", ""))
+        finally:
+            await response.aclose()
+
+    # -- blobs -------------------------------------------------------------------
+
+    def blob_url(self, name: Name, digest: Digest) -> str:
+        return f"{self.base_url}/v2/{name}/blobs/{digest}"
+
+    async def blob_size(self, name: Name, digest: Digest) -> int:
+        """The blob's size without downloading it: HEAD, or a one-byte range if HEAD will not say."""
+        url = self.blob_url(name, digest)
+        response = await self._registry_send("HEAD", url, name, {}, follow=True)
+        await response.aclose()
+        length = response.headers.get("Content-Length", "")
+        if response.status_code == 200 and length.isdigit():
+            return int(length)
+        if response.status_code == 404:
+            raise _status_error(response, url, b"")
+        location = await self.resolve_blob(name, digest)
+        async with self.open_range(location, 0, 1, size=None) as stream:
+            async for _ in stream:
+                pass
+            return stream.total
+
+    async def resolve_blob(self, name: Name, digest: Digest, version: int = 0) -> BlobLocation:
+        """Follow the registry's redirect to the CDN URL, without reading the body.
+
+        As Ollama does: a redirect to the registry's own host is followed, one to
+        another host is where the bytes are; a 200 names its source in Location.
+        """
+        url = self.blob_url(name, digest)
+        for _ in range(MAX_REDIRECTS):
+            response = await self._registry_send("GET", url, name, {"Accept-Encoding": "identity"})
+            await response.aclose()
+            if response.status_code in (301, 302, 303, 307, 308):
+                target = _absolute(url, response.headers.get("Location", ""))
+                if _origin(target) != self._origin:
+                    return BlobLocation(target, version=version + 1)
+                url = target
+            elif response.status_code == 200:
+                target = _absolute(url, response.headers.get("Location", "") or url)
+                return BlobLocation(target, self._credentials(name, target), version + 1)
+            else:
+                raise _status_error(response, url, b"")
+        raise UpstreamInvalid(f"more than {MAX_REDIRECTS} redirects resolving {url}")
+
+    def _credentials(self, name: Name, url: str) -> dict[str, str]:
+        token = self._tokens.get(str(name))
+        if token and _origin(url) == self._origin:
+            return {"Authorization": f"Bearer {token}"}
+        return {}
+
+    @contextlib.asynccontextmanager
+    async def open_range(
+        self, location: BlobLocation, start: int, stop: int, size: int | None
+    ) -> AsyncIterator[RangeStream]:
+        """Stream bytes ``[start, stop)`` of the blob at ``location``.
+
+        A 206 must start where we asked; a 200 (server ignores Range) is read
+        from 0 and the bytes before ``start`` are dropped, so what the caller
+        gets is always exactly the bytes from ``start`` on.
+        """
+        headers = {"Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity", **location.headers}
+        request = self.client.build_request("GET", location.url, headers=headers)
+        with _mapped(location.url):
+            response = await self.client.send(request, stream=True, follow_redirects=True)
+        try:
+            yield RangeStream(response, start, stop, size, location.url)
+        finally:
+            await response.aclose()
+
+
+class RangeStream:
+    """The body of one range response, as an async iterator of byte strings."""
+
+    def __init__(self, response: httpx.Response, start: int, stop: int, size: int | None, url: str) -> None:
+        self.url = _redact(url)
+        status = response.status_code
+        if status in (401, 403, 404, 410):
+            raise UpstreamUrlExpired(f"CDN answered {status} for {self.url}")
+        if status == 200:
+            self.skip = start
+            total = response.headers.get("Content-Length", "")
+            self.total = int(total) if total.isdigit() else (size or 0)
+            log.warning("upstream ignored Range url=%s start=%d: reading from 0", self.url, start)
+        elif status == 206:
+            self.skip = 0
+            first, total = _parse_content_range(response.headers.get("Content-Range", ""))
+            if first != start:
+                raise UpstreamInvalid(f"CDN sent bytes from {first}, not {start}, for {self.url}")
+            self.total = total
+        else:
+            raise _status_error(response, self.url, b"")
+        if size is not None and self.total != size:
+            raise UpstreamInvalid(f"CDN says the blob has {self.total} bytes, expected {size}: {self.url}")
+        self._response = response
+        self._remaining = stop - start
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped(self.url):
+            async for piece in self._response.aiter_raw():
+                if self.skip:
+                    drop = min(self.skip, len(piece))
+                    piece, self.skip = piece[drop:], self.skip - drop
+                if piece:
+                    self._remaining -= len(piece)
+                    yield piece
+        if self._remaining > 0:
+            raise UpstreamUnavailable(f"CDN closed the body {self._remaining} bytes early: {self.url}")
+
+
+@contextlib.contextmanager
+def _mapped(url: str) -> Iterator[None]:
+    """Translate httpx's exceptions into ours, most specific first."""
+    url = _redact(url)
+    try:
+        yield
+    except UpstreamError:
+        raise
+    except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+        raise UpstreamStalled(f"no bytes from {url} in time") from exc
+    except httpx.TimeoutException as exc:
+        raise UpstreamUnavailable(f"timed out connecting to {url}") from exc
+    except httpx.UnsupportedProtocol as exc:
+        raise UpstreamInvalid(f"unsupported URL scheme: {url}") from exc
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        raise UpstreamUnavailable(f"{type(exc).__name__} from {url}: {exc}") from exc
+
+
+def _status_error(response: httpx.Response, url: str, body: bytes) -> UpstreamError:
+    status = response.status_code
+    if status == 429 or status >= 500:
+        return UpstreamUnavailable(f"upstream answered {status} for {_redact(url)}", _retry_after(response))
+    return UpstreamRefused(
+        f"upstream answered {status} for {_redact(url)}", status, body, response.headers.get("Content-Type", "")
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), if any."""
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+async def _read_capped(response: httpx.Response, limit: int, url: str) -> bytes:
+    data = bytearray()
+    with _mapped(url):
+        async for piece in response.aiter_bytes():
+            data += piece
+            if len(data) > limit:
+                raise UpstreamInvalid(f"response from {_redact(url)} exceeds {limit} bytes")
+    return bytes(data)
+
+
+def _parse_content_range(value: str) -> tuple[int, int]:
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", value.strip())
+    if not match:
+        raise UpstreamInvalid(f"unreadable Content-Range {value[:80]!r}")
+    return int(match[1]), int(match[3])
+
+
+def _absolute(base: str, location: str) -> str:
+    target = urljoin(base, location)
+    if urlsplit(target).scheme not in ("http", "https"):
+        raise UpstreamInvalid(f"redirect to a non-http URL from {_redact(base)}")
+    return target
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port
+
+
+def _redact(url: str) -> str:
+    """A URL fit for a log line: presigned query strings are credentials."""
+    return url.split("?", 1)[0]

@@ -1,0 +1,68 @@
+"""Fixtures: a fake upstream (registry + CDN) and mirrors on real sockets."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mirror import Settings, create_app
+from mirror import logs as mirror_logs
+
+from .fakes import FakeCDN, FakeRegistry, ServerThread
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _logging() -> None:
+    mirror_logs.configure("info")
+    # The fakes raise on purpose to reset connections; uvicorn would print each traceback.
+    logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+
+
+@pytest.fixture
+def cdn() -> Iterator[FakeCDN]:
+    fake = FakeCDN()
+    server = ServerThread(fake).start()
+    fake.url = server.url("localhost")  # another host name than the registry's, as a real CDN
+    yield fake
+    server.stop()
+
+
+@pytest.fixture
+def registry(cdn: FakeCDN, tmp_path: Path) -> Iterator[FakeRegistry]:
+    directory = tmp_path / "upstream"
+    directory.mkdir()
+    fake = FakeRegistry(cdn, cdn.url, directory)
+    server = ServerThread(fake).start()
+    fake.url = server.url()
+    fake.server = server
+    yield fake
+    server.stop()
+
+
+MirrorFactory = Callable[..., ServerThread]
+
+
+@pytest.fixture
+def start_mirror(registry: FakeRegistry, tmp_path: Path) -> Iterator[MirrorFactory]:
+    """Start a mirror on a real uvicorn server: ``start_mirror(**settings)``; stopped at teardown."""
+    servers: list[ServerThread] = []
+
+    def start(**overrides: object) -> ServerThread:
+        values: dict[str, object] = {"cache_dir": tmp_path / "cache", "upstream": registry.url,
+                                     "listen": "127.0.0.1:0"}
+        values.update(overrides)
+        server = ServerThread(create_app(Settings(**values))).start()  # type: ignore[arg-type]
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def mirror(start_mirror: MirrorFactory) -> ServerThread:
+    return start_mirror()

@@ -1,0 +1,309 @@
+"""A fake registry.ollama.ai and a fake CDN it redirects to, on real loopback sockets.
+
+The registry behaves like the real one: ``/v2/`` and manifests by digest answer
+404, manifests come back as ``text/plain``, blob GETs answer 307 to the CDN,
+which lives on another port and host name (``localhost`` vs ``127.0.0.1``).
+The CDN serves Range requests, counts every byte it sends and injects faults
+on request: resets, stalls, 5xx, 403 for expired URLs, wrong bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+Scope = dict[str, Any]
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1 in a thread of its own (signal handlers off)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self.server.serve(sockets=[self.sock]))
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}"
+
+
+@dataclass
+class Fault:
+    """What the CDN does wrong to the next ``times`` blob responses (-1: all of them)."""
+
+    kind: str  # "reset", "stall", "status", "corrupt"
+    after: int = 0  # bytes into the response body before the fault strikes
+    status: int = 503
+    seconds: float = 0.0  # for "stall"
+    times: int = 1
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Blob:
+    path: Path
+    size: int
+    digest: str
+
+
+def write_blob(directory: Path, size: int, seed: int) -> Blob:
+    """``size`` pseudo-random bytes in a file, with their sha256: fast and reproducible."""
+    rng = random.Random(seed)
+    h = hashlib.sha256()
+    tmp = directory / f"blob-{seed}-{size}.tmp"
+    with open(tmp, "wb") as f:
+        left = size
+        while left:
+            data = rng.randbytes(min(left, 8 << 20))
+            h.update(data)
+            f.write(data)
+            left -= len(data)
+    digest = f"sha256:{h.hexdigest()}"
+    path = directory / digest.replace(":", "-")
+    tmp.replace(path)
+    return Blob(path, size, digest)
+
+
+def blob_from_bytes(directory: Path, data: bytes) -> Blob:
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    path = directory / digest.replace(":", "-")
+    path.write_bytes(data)
+    return Blob(path, len(data), digest)
+
+
+class FakeCDN:
+    """Serves blobs by digest with Range support, like a presigned-URL object store."""
+
+    piece = 256 << 10
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, Blob] = {}
+        self.faults: list[Fault] = []
+        self.bytes_sent = 0
+        self.bytes_by_digest: dict[str, int] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.tokens: set[str] = set()
+        self.rate: float | None = None  # bytes per second per response
+        self._lock = threading.Lock()
+
+    def issue_token(self) -> str:
+        token = f"{random.getrandbits(64):016x}"
+        with self._lock:
+            self.tokens.add(token)
+        return token
+
+    def expire_tokens(self) -> None:
+        with self._lock:
+            self.tokens.clear()
+
+    def _next_fault(self) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.times != 0:
+                    if fault.times > 0:
+                        fault.times -= 1
+                    return fault
+        return None
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        query = dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if "=" in p)
+        digest = scope["path"].rsplit("/", 1)[-1]
+        blob = self.blobs.get(digest)
+        self.requests.append((digest, headers.get("range")))
+        if blob is None:
+            await _plain(send, 404, b"no such object")
+            return
+        if query.get("t") not in self.tokens:
+            await _plain(send, 403, b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>")
+            return
+        fault = self._next_fault() if scope["method"] == "GET" else None
+        if fault is not None and fault.kind == "status":
+            await _plain(send, fault.status, b"injected failure", fault.headers)
+            return
+        start, stop, status = 0, blob.size, 200
+        if "range" in headers:
+            first, _, last = headers["range"].removeprefix("bytes=").partition("-")
+            start, stop, status = int(first), min(int(last) + 1 if last else blob.size, blob.size), 206
+        response_headers = [(b"content-length", str(stop - start).encode()), (b"accept-ranges", b"bytes"),
+                            (b"content-type", b"application/octet-stream")]
+        if status == 206:
+            response_headers.append((b"content-range", f"bytes {start}-{stop - 1}/{blob.size}".encode()))
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        if scope["method"] == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self._send_range(send, blob, start, stop, fault)
+
+    async def _send_range(self, send: Any, blob: Blob, start: int, stop: int, fault: Fault | None) -> None:
+        strike_at = fault.after if fault is not None else None  # offset into this response
+        sent = 0
+        with open(blob.path, "rb") as f:
+            while start + sent < stop:
+                corrupt = False
+                if strike_at == sent and fault is not None:
+                    strike_at = None
+                    if fault.kind == "reset":
+                        raise ConnectionResetError("injected reset")
+                    if fault.kind == "stall":
+                        await asyncio.sleep(fault.seconds)
+                    corrupt = fault.kind == "corrupt"
+                n = min(self.piece, stop - start - sent)
+                if strike_at is not None and strike_at > sent:
+                    n = min(n, strike_at - sent)
+                data = await asyncio.to_thread(os.pread, f.fileno(), n, start + sent)
+                if corrupt:
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                with self._lock:
+                    self.bytes_sent += len(data)
+                    self.bytes_by_digest[blob.digest] = self.bytes_by_digest.get(blob.digest, 0) + len(data)
+                sent += len(data)
+                if self.rate:
+                    await asyncio.sleep(len(data) / self.rate)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class FakeRegistry:
+    """Manifests and blob redirects, as registry.ollama.ai answers them."""
+
+    def __init__(self, cdn: FakeCDN, cdn_url: str, directory: Path) -> None:
+        self.cdn = cdn
+        self.cdn_url = cdn_url
+        self.directory = directory
+        self.manifests: dict[tuple[str, str], bytes] = {}
+        self.requests: list[tuple[str, str, str]] = []  # (method, path, user-agent)
+        self.require_token = False
+        self.issued_tokens: set[str] = set()
+        self.manifest_status: int | None = None  # force an answer for every manifest request
+        self.manifest_delay = 0.0
+        self.head_size = True  # HEAD answers 200 with the size; False: 307 like GET
+
+    def add_blob(self, blob: Blob) -> Blob:
+        self.cdn.blobs[blob.digest] = blob
+        return blob
+
+    def add_model(self, name: str, tag: str, layers: list[Blob], config: Blob | None = None) -> bytes:
+        """Register a model; returns its manifest bytes (compact JSON, no newline, like the registry's)."""
+        config = config or blob_from_bytes(self.directory, json.dumps({"model_format": "gguf"}).encode())
+        for blob in [config, *layers]:
+            self.add_blob(blob)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                       "digest": config.digest, "size": config.size},
+            "layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": b.digest, "size": b.size}
+                       for b in layers],
+        }
+        data = json.dumps(manifest, separators=(",", ":")).encode()
+        self.manifests[(name, tag)] = data
+        return data
+
+    def count(self, method: str, fragment: str) -> int:
+        return sum(1 for m, p, _ in self.requests if m == method and fragment in p)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.requests.append((method, path, headers.get("user-agent", "")))
+        if path == "/token":
+            token = f"tok{random.getrandbits(32)}"
+            self.issued_tokens.add(token)
+            await _plain(send, 200, json.dumps({"token": token}).encode(), {"content-type": "application/json"})
+            return
+        if self.require_token and headers.get("authorization", "").removeprefix("Bearer ") not in self.issued_tokens:
+            realm = f"http://{headers.get('host')}/token"
+            challenge = f'Bearer realm="{realm}",service="fake",scope="repository:x:pull"'
+            await _plain(send, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"www-authenticate": challenge})
+            return
+        if "/manifests/" in path:
+            await self._manifest(path, send)
+        elif "/blobs/" in path:
+            await self._blob(path, method, send)
+        else:
+            await _plain(send, 404, b"404 page not found")
+
+    async def _manifest(self, path: str, send: Any) -> None:
+        name, _, reference = path.removeprefix("/v2/").partition("/manifests/")
+        if self.manifest_delay:
+            await asyncio.sleep(self.manifest_delay)
+        if self.manifest_status is not None:
+            await _plain(send, self.manifest_status, b'{"errors":[{"code":"INJECTED","message":"injected"}]}',
+                         {"content-type": "application/json"})
+            return
+        data = self.manifests.get((name, reference))
+        if data is None:  # includes every manifest by digest, as the real registry
+            await _plain(send, 404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}')
+            return
+        await _plain(send, 200, data, {"content-type": "text/plain; charset=utf-8"})
+
+    async def _blob(self, path: str, method: str, send: Any) -> None:
+        digest = path.rsplit("/", 1)[-1]
+        blob = self.cdn.blobs.get(digest)
+        if blob is None:
+            await _plain(send, 404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
+            return
+        if method == "HEAD" and self.head_size:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(blob.size).encode())]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        location = f"{self.cdn_url}/objects/{digest}?t={self.cdn.issue_token()}"
+        await _plain(send, 307, b"", {"location": location})
+
+
+async def _plain(send: Any, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    raw = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    raw.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
