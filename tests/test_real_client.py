@@ -1,0 +1,59 @@
+"""The judge of compatibility: the real Ollama 0.9.3 client pulling through the mirror."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import MirrorFactory
+from .fakes import FakeRegistry, write_blob
+from .real_ollama import OllamaServer, require_venv
+
+pytestmark = pytest.mark.real_client
+
+
+@pytest.fixture
+def ollama_factory(tmp_path: Path) -> Iterator:
+    venv = require_venv()
+    servers: list[OllamaServer] = []
+
+    def start(label: str) -> OllamaServer:
+        server = OllamaServer(venv, tmp_path / f"ollama-{label}").start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _model_id(manifest: bytes) -> str:
+    return hashlib.sha256(manifest).hexdigest()[:12]
+
+
+def test_real_client_cold_then_warm_pull_with_upstream_stopped(
+    registry: FakeRegistry, start_mirror: MirrorFactory, ollama_factory, tmp_path: Path
+) -> None:
+    layer = write_blob(registry.directory, 30_000_000, seed=11)
+    manifest = registry.add_model("library/tiny", "1b", [layer])
+    mirror = start_mirror()
+    name = f"127.0.0.1:{mirror.port}/library/tiny:1b"
+
+    first = ollama_factory("a")
+    result = first.pull(name)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert first.list_models()[name] == _model_id(manifest)
+    pulled = first.models / "blobs" / layer.digest.replace(":", "-")
+    assert pulled.read_bytes() == layer.path.read_bytes()
+    upstream_bytes = registry.cdn.bytes_sent
+
+    registry.server.stop()  # upstream gone: the second machine is served from the mirror's disk
+    second = ollama_factory("b")
+    result = second.pull(name)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert second.list_models()[name] == _model_id(manifest)
+    assert registry.cdn.bytes_sent == upstream_bytes
