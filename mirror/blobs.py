@@ -59,6 +59,9 @@ class BlobBody:
             yield data
 
     async def _iter_fill(self, fill: Fill, start: int, stop: int, read_size: int) -> AsyncIterator[bytes]:
+        """Follow the fill. A whole-blob response keeps its last bytes until the digest is
+        verified, so a client that does not hash (curl) never gets wrong bytes with a clean end."""
+        whole = start == 0 and stop == self.size
         demand = fill.add_demand(start)
         try:
             position = start
@@ -73,6 +76,8 @@ class BlobBody:
                 data = await asyncio.to_thread(read_at, self._fd, position, n)
                 position += len(data)
                 demand.position, demand.waiting_since = position, None
+                if whole and position == stop:
+                    await fill.verified()
                 yield data
         finally:
             fill.remove_demand(demand)

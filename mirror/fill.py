@@ -111,6 +111,7 @@ class Fill:
         self._work = asyncio.Event()
         self._idle_workers = 0
         self._dirty = False
+        self._finished = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"Fill({self.digest.short}, {self.state.name}, {self.done_bytes}/{self.size})"
@@ -147,6 +148,11 @@ class Fill:
     def raise_if_failed(self) -> None:
         if self.state is FillState.FAILED:
             raise FillFailed(f"fill of {self.digest.short} failed: {self.error}") from self.error
+
+    async def verified(self) -> None:
+        """Return once the blob is published; raise if the fill failed."""
+        await self._finished.wait()
+        self.raise_if_failed()
 
     def add_demand(self, position: int) -> Demand:
         demand = Demand(position)
@@ -451,6 +457,7 @@ class Fill:
         if self._lock_fd is not None:
             self._store.unlock(self._lock_fd)
             self._lock_fd = None
+        self._finished.set()
         self._notify()
         self._work.set()
 
@@ -489,10 +496,10 @@ class FillEngine:
         self._fills[digest] = fill
         task = asyncio.get_running_loop().create_task(fill.run(), name=f"fill {digest.short}")
         self._tasks.add(task)
-        task.add_done_callback(lambda t: self._finished(digest, fill, t))
+        task.add_done_callback(lambda t: self._forget(digest, fill, t))
         return fill
 
-    def _finished(self, digest: Digest, fill: Fill, task: asyncio.Task[None]) -> None:
+    def _forget(self, digest: Digest, fill: Fill, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if self._fills.get(digest) is fill:
             del self._fills[digest]

@@ -52,12 +52,12 @@ def _parse_one(item: str, size: int, header: str) -> Span | None:
         n = int(last)
         return Span(max(size - n, 0), size) if n > 0 and size > 0 else None
     start = int(first)
-    stop = size if not last else int(last) + 1
-    if stop <= start:
+    if last and int(last) < start:
         raise RangeInvalid(f"malformed Range header {header[:100]!r}: end before start")
     if start >= size:
         return None
-    return Span(start, min(stop, size))
+    stop = size if not last else min(int(last) + 1, size)
+    return Span(start, stop)
 
 
 def _digits(text: str, allow_empty: bool) -> bool:

@@ -76,7 +76,7 @@ async def unknown(request: Request) -> Response:
 routes = [
     Route("/v2/", v2_root, methods=ALL_METHODS),
     Route("/v2/{name:path}/blobs/uploads/{rest:path}", push, methods=ALL_METHODS),
-    Route("/v2/{name:path}/manifests/{reference}", manifest, methods=ALL_METHODS),
-    Route("/v2/{name:path}/blobs/{digest}", blob, methods=ALL_METHODS),
+    Route("/v2/{name:path}/manifests/{reference:path}", manifest, methods=ALL_METHODS),
+    Route("/v2/{name:path}/blobs/{digest:path}", blob, methods=ALL_METHODS),
     Route("/{path:path}", unknown, methods=ALL_METHODS),
 ]

@@ -1,0 +1,129 @@
+"""Pure parts: names, digests, Range headers, the chunk map's choices."""
+
+from __future__ import annotations
+
+import pytest
+
+from mirror.chunks import SPLIT_MIN, ChunkMap
+from mirror.errors import DigestInvalid, NameInvalid, RangeInvalid, RangeNotSatisfiable
+from mirror.layout import registry_host
+from mirror.names import Digest, Name, parse_tag
+from mirror.ranges import Span, parse_range
+
+HEX = "a" * 64
+
+
+def test_name_bare_model_means_library() -> None:
+    assert Name.parse("qwen2.5") == Name("library", "qwen2.5")
+    assert str(Name.parse("team/my-model_1.0")) == "team/my-model_1.0"
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param("..", id="dotdot"),
+    pytest.param("library/..", id="dotdot-model"),
+    pytest.param("a/b/c", id="three-parts"),
+    pytest.param("/etc", id="absolute"),
+    pytest.param("lib.rary/x", id="dot-in-namespace"),
+    pytest.param("library/x\\y", id="backslash"),
+    pytest.param("library/x\x00", id="nul"),
+    pytest.param("library/.hidden", id="leading-dot"),
+    pytest.param("library/" + "x" * 200, id="too-long"),
+    pytest.param("", id="empty"),
+    pytest.param("library/", id="empty-model"),
+])
+def test_name_rejects(text: str) -> None:
+    with pytest.raises(NameInvalid):
+        Name.parse(text)
+
+
+@pytest.mark.parametrize("tag", ["..", ".x", "a/b", "a b", "", "x" * 81, "a..b"])
+def test_tag_rejects(tag: str) -> None:
+    with pytest.raises(NameInvalid):
+        parse_tag(tag)
+
+
+def test_digest_parse_and_forms() -> None:
+    assert Digest.parse(f"sha256:{HEX}").hex == HEX
+    assert Digest.parse(f"sha256-{HEX}") == Digest(HEX)
+    assert Digest(HEX).short == "sha256:aaaaaaaaaaaa"
+
+
+@pytest.mark.parametrize("text", [f"sha512:{HEX}", f"sha256:{HEX[:-1]}", f"sha256:{HEX.upper()}", "sha256:../x",
+                                  HEX, ""])
+def test_digest_rejects(text: str) -> None:
+    with pytest.raises(DigestInvalid):
+        Digest.parse(text)
+
+
+@pytest.mark.parametrize("header,spans", [
+    ("bytes=0-9", [Span(0, 10)]),
+    ("bytes=90-", [Span(90, 100)]),
+    ("bytes=-10", [Span(90, 100)]),
+    ("bytes=95-200", [Span(95, 100)]),
+    ("bytes=0-0,50-59", [Span(0, 1), Span(50, 60)]),
+    ("bytes=200-300, 0-4", [Span(0, 5)]),
+])
+def test_parse_range(header: str, spans: list[Span]) -> None:
+    assert parse_range(header, 100) == spans
+
+
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=150-160", "bytes=-0"])
+def test_parse_range_unsatisfiable(header: str) -> None:
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(header, 100)
+
+
+@pytest.mark.parametrize("header", ["items=0-1", "bytes=a-b", "bytes=5-1", "bytes=-", "bytes", "bytes=1-2-3",
+                                    "bytes=" + ",".join(["0-1"] * 40), "bytes=٣-٤"])
+def test_parse_range_malformed(header: str) -> None:
+    with pytest.raises(RangeInvalid):
+        parse_range(header, 100)
+
+
+def test_registry_host_as_ollama_writes_it() -> None:
+    assert registry_host("https://registry.ollama.ai") == "registry.ollama.ai"
+    assert registry_host("http://127.0.0.1:5000/") == "127.0.0.1:5000"
+    assert registry_host("https://example.com:443") == "example.com"
+
+
+def test_chunks_fresh_fill_tiles_the_blob() -> None:
+    m = ChunkMap.empty(64 << 20, 4 << 20)  # 16 chunks
+    claimed = [m.claim(i, [], []) for i in range(8)]
+    starts = sorted(c.start // (4 << 20) for c in claimed)
+    assert len(set(starts)) == 8 and starts[0] == 0
+    # every claimed chunk's request reaches only to the next claimed one
+    ends = sorted(m.idle_run_end(c) for c in claimed)
+    assert ends[-1] == 64 << 20 and len(set(ends)) == 8
+
+
+def test_chunks_demand_first_and_split_mid_chunk() -> None:
+    m = ChunkMap.empty(64 << 20, 16 << 20)
+    first = m.claim("a", [], [])
+    assert first.start == 0
+    wanted = 40 << 20  # inside chunk 2, not at its start
+    c = m.claim("b", [wanted], [])
+    assert c.start == wanted and m.available(wanted, 1) == 0
+    assert m.chunk_at(wanted - 1).stop == wanted
+
+
+def test_chunks_available_follows_filled_bytes() -> None:
+    m = ChunkMap.empty(10 << 20, 4 << 20)
+    a, b = m.chunks[0], m.chunks[1]
+    a.advance(4 << 20)
+    b.advance(100)
+    assert m.available(0, 1 << 30) == (4 << 20) + 100
+    assert m.available(4 << 20, 1 << 30) == 100
+    assert m.available((4 << 20) + 100, 1 << 30) == 0
+    assert m.done_bytes == (4 << 20) + 100 and not m.complete
+
+
+def test_chunks_steal_tail_and_state_round_trip() -> None:
+    m = ChunkMap.empty(8 << 20, 8 << 20)
+    only = m.claim("a", [], [])
+    stolen = m.claim("b", [], [])
+    assert stolen is not None and stolen.start == 4 << 20 and only.stop == 4 << 20
+    only.advance(SPLIT_MIN)
+    restored = ChunkMap.from_state(8 << 20, m.to_state())
+    assert restored is not None and restored.done_bytes == SPLIT_MIN
+    assert ChunkMap.from_state(9 << 20, m.to_state()) is None
+    assert ChunkMap.from_state(8 << 20, [[0, 10, 20]]) is None
