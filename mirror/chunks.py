@@ -1,21 +1,26 @@
 """The chunk map of one blob being filled, and which chunk a free connection takes next.
 
 Pure data: no I/O, no awaits. The blob ``[0, size)`` is covered by contiguous
-chunks; each records how many bytes from its start are on disk (``filled``) and
-which connection, if any, is fetching it (``owner``). That one number per chunk
-is all that readers, the hasher and resume-after-restart need.
+chunks; each records how many bytes from its start are on disk (``filled``),
+which connection is writing it (``owner``) and which connection's open request
+will reach it (``reserved``). ``filled`` is all that readers, the hasher and
+resume-after-restart need; owner and reservation steer the connections.
 
-Choosing the next chunk (``ChunkMap.claim``), in order:
+A response cut short wastes what the CDN already had in flight (megabytes on a
+fast link), so requests are laid out not to overlap: a request reserves the idle
+chunks it will stream through, and other connections leave them alone unless a
+reader has waited too long for one. Choosing the next chunk (``claim``):
 
-1. demand: the chunk holding a position a reader is blocked on, oldest wait
-   first. If that position lies well past the chunk's filled edge, the chunk is
-   split there, so an Ollama part that starts mid-chunk gets bytes at once;
-2. read-ahead: the chunk after a reader's position;
-3. spread: the longest run of untouched chunks, entered at its start when no
-   connection is streaming into it, otherwise at its middle (aria2's split), so
-   a handful of long streams cover the blob without reconnecting per chunk;
-4. steal: at the tail, the back half of the in-flight chunk with most bytes left,
-   so the last megabytes do not trickle in over one connection.
+1. urgent demand: the chunk holding a position a reader has been blocked on for
+   a while, even if another stream has it reserved; split there when the
+   position lies well past the chunk's filled edge;
+2. demand: the same for any blocked reader, among idle chunks only;
+3. read-ahead: the idle chunk after a reader's position;
+4. spread: the longest run of idle chunks, entered at its start when no stream
+   runs into it, else at its middle (aria2's split), so a few long streams tile
+   the blob;
+5. steal: at the tail, the back half of the stream with most bytes left, so the
+   last megabytes do not trickle in over one connection.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 SPLIT_MIN = 1 << 20  # never create a piece smaller than this by splitting
+STEAL_MIN = 8 << 20  # steal only halves this large: a steal cuts the victim's response short
 
 
 @dataclass(slots=True, eq=False)
@@ -33,6 +39,7 @@ class Chunk:
     stop: int
     filled: int = 0
     owner: object | None = None
+    reserved: object | None = None
 
     @property
     def edge(self) -> int:
@@ -45,8 +52,8 @@ class Chunk:
 
     @property
     def idle(self) -> bool:
-        """Not done, and no connection is fetching it."""
-        return self.owner is None and not self.done
+        """Not done, and no connection is fetching it or heading for it."""
+        return self.owner is None and self.reserved is None and not self.done
 
     def advance(self, n: int) -> None:
         self.filled = min(self.filled + n, self.stop - self.start)
@@ -101,6 +108,10 @@ class ChunkMap:
         return sum(c.filled for c in self.chunks)
 
     @property
+    def idle_bytes(self) -> int:
+        return sum(c.stop - c.edge for c in self.chunks if c.idle)
+
+    @property
     def complete(self) -> bool:
         return all(c.done for c in self.chunks)
 
@@ -108,14 +119,26 @@ class ChunkMap:
         i = bisect.bisect_right(self._starts, chunk.start)
         return self.chunks[i] if i < len(self.chunks) else None
 
-    def idle_run_end(self, chunk: Chunk) -> int:
-        """End of the run of idle chunks that follows ``chunk``: how far one request may reach."""
+    def reserve(self, chunk: Chunk, owner: object, limit: int) -> int:
+        """Reserve the idle chunks after ``chunk`` for one request; return where it ends."""
         i = bisect.bisect_right(self._starts, chunk.start)
         stop = chunk.stop
-        while i < len(self.chunks) and self.chunks[i].idle and self.chunks[i].filled == 0:
-            stop = self.chunks[i].stop
+        while i < len(self.chunks) and stop < limit:
+            nxt = self.chunks[i]
+            if not nxt.idle or nxt.filled:
+                break
+            nxt.reserved = owner
+            stop = nxt.stop
             i += 1
         return stop
+
+    def release(self, owner: object) -> None:
+        """Forget everything ``owner`` held: its request ended."""
+        for c in self.chunks:
+            if c.owner == owner:
+                c.owner = None
+            if c.reserved == owner:
+                c.reserved = None
 
     # -- choosing work ------------------------------------------------------
 
@@ -129,23 +152,31 @@ class ChunkMap:
         self._starts.insert(i, at)
         return back
 
-    def claim(self, owner: object, waiting: Iterable[int], reading: Iterable[int]) -> Chunk | None:
+    def claim(
+        self, owner: object, urgent: Iterable[int], waiting: Iterable[int], reading: Iterable[int]
+    ) -> Chunk | None:
         """Pick the chunk ``owner`` fetches next and mark it owned; None if there is none.
 
-        ``waiting``: positions readers are blocked on, oldest first.
-        ``reading``: positions of every active reader (for read-ahead).
+        ``urgent``: positions readers have been blocked on for too long, oldest first;
+        ``waiting``: positions readers are blocked on; ``reading``: every reader's position.
         """
-        chunk = self._for_demand(waiting) or self._read_ahead(reading) or self._spread() or self._steal()
+        chunk = (
+            self._for_demand(urgent, pre_empt=True)
+            or self._for_demand(waiting, pre_empt=False)
+            or self._read_ahead(reading)
+            or self._spread()
+            or self._steal()
+        )
         if chunk is not None:
-            chunk.owner = owner
+            chunk.owner, chunk.reserved = owner, None
         return chunk
 
-    def _for_demand(self, waiting: Iterable[int]) -> Chunk | None:
-        for position in waiting:
+    def _for_demand(self, positions: Iterable[int], pre_empt: bool) -> Chunk | None:
+        for position in positions:
             if not 0 <= position < self.size:
                 continue
             c = self.chunk_at(position)
-            if c.done or position < c.edge:
+            if c.done or position < c.edge or not (pre_empt or c.idle):
                 continue
             if position - c.edge >= SPLIT_MIN and c.stop - position >= SPLIT_MIN // 2:
                 return self.split(c, position)
@@ -178,15 +209,27 @@ class ChunkMap:
         if best is None:
             return None
         length, first = best
-        fed = first > 0 and self.chunks[first - 1].owner is not None
+        before = self.chunks[first - 1] if first > 0 else None
+        fed = before is not None and (before.owner is not None or before.reserved is not None)
         return self.chunks[first + length // 2] if fed and length > 1 else self.chunks[first]
 
     def _steal(self) -> Chunk | None:
-        busy = [c for c in self.chunks if c.owner is not None and not c.done]
-        if not busy:
+        """Split the stream with most bytes left; the stolen back half is freed and taken."""
+        spans: dict[object, list[int]] = {}  # owner -> [edge, end of its reservation]
+        for c in self.chunks:
+            if c.owner is not None and not c.done:
+                spans.setdefault(c.owner, [c.edge, c.stop])[1] = c.stop
+            elif c.reserved is not None and c.reserved in spans:
+                spans[c.reserved][1] = c.stop
+        if not spans:
             return None
-        c = max(busy, key=lambda c: c.stop - c.edge)
-        left = c.stop - c.edge
-        if left < 2 * SPLIT_MIN:
+        victim, (edge, end) = max(spans.items(), key=lambda item: item[1][1] - item[1][0])
+        if end - edge < 2 * STEAL_MIN:
             return None
-        return self.split(c, c.edge + left // 2)
+        middle = edge + (end - edge) // 2
+        c = self.chunk_at(middle)
+        back = self.split(c, middle) if middle > c.start else c
+        for later in self.chunks[self.chunks.index(back):]:
+            if later.reserved == victim:
+                later.reserved = None
+        return back

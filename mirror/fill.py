@@ -47,7 +47,7 @@ log = logging.getLogger("mirror.fill")
 WRITE_SIZE = 1 << 20  # bytes gathered from upstream before one pwrite
 HASH_SIZE = 8 << 20  # bytes hashed per thread hop
 SAVE_INTERVAL = 1.0  # seconds between saves of the chunk map (only when it changed)
-DEMAND_PATIENCE = 1.0  # a reader blocked this long makes a streaming connection give way
+DEMAND_PATIENCE = 2.0  # a reader blocked this long may cut another stream short (Ollama gives up at 30 s)
 WAKE_TIMEOUT = 1.0  # upper bound on any wait, so a lost wake-up never hangs anything
 MAX_BACKOFF = 30.0
 # One request covers at most this much: it ends cleanly and its connection is reused, where
@@ -109,6 +109,7 @@ class Fill:
         self._demands: list[Demand] = []
         self._progress = asyncio.Event()
         self._work = asyncio.Event()
+        self._workers = 0
         self._idle_workers = 0
         self._dirty = False
         self._finished = asyncio.Event()
@@ -241,7 +242,8 @@ class Fill:
         async with asyncio.TaskGroup() as group:
             saver = group.create_task(self._save_loop())
             hasher = group.create_task(self._hash())
-            for i in range(self._workers_wanted()):
+            self._workers = self._workers_wanted()
+            for i in range(self._workers):
                 group.create_task(self._worker(i))
             actual = await hasher
             saver.cancel()
@@ -285,7 +287,7 @@ class Fill:
         assert self.map is not None
         failures = 0
         while not self.map.complete:
-            chunk = self.map.claim(wid, self._waiting_positions(), self._reading_positions())
+            chunk = self.map.claim(wid, *self._demand_positions())
             if chunk is None:
                 self._idle_workers += 1
                 try:
@@ -311,47 +313,29 @@ class Fill:
             await self._backoff(max(failures, 1), error)
 
     async def _stream(self, wid: int, chunk: Chunk) -> tuple[int, UpstreamError | None]:
-        """Fetch from ``chunk``'s edge on, continuing into idle chunks that follow.
+        """Fetch from ``chunk``'s edge on, continuing into the chunks reserved for this request.
 
-        Returns the bytes written and the upstream error that ended it, if any.
+        Returns the bytes written and the upstream error that ended it, if any. Bytes
+        that arrived before a fault are written too: a retry resumes after them.
         """
-        assert self._location is not None and self._fd is not None and self.map is not None
-        written = 0
-        reach = min(self.map.idle_run_end(chunk), chunk.start + REQUEST_SPAN)
-        position = chunk.edge
-        pending: list[bytes] = []
-        pending_len = 0
+        assert self._location is not None and self.map is not None
+        share = max(chunk.stop - chunk.start, self.map.idle_bytes // max(self._workers, 1))
+        reach = self.map.reserve(chunk, wid, chunk.start + min(share, REQUEST_SPAN))
+        stream = _Stream(self, wid, chunk, reach)
         try:
-            async with self._upstream.open_range(self._location, position, reach, self.size) as body:
+            async with self._upstream.open_range(self._location, stream.position, reach, self.size) as body:
                 async for piece in body:
-                    pending.append(piece)
-                    pending_len += len(piece)
-                    if pending_len < WRITE_SIZE and position + pending_len < chunk.stop:
-                        continue
-                    view = memoryview(b"".join(pending))
-                    pending.clear()
-                    pending_len = 0
-                    while view:
-                        n = min(len(view), chunk.stop - position)
-                        await asyncio.to_thread(write_at, self._fd, view[:n], position)
-                        view, position, written = view[n:], position + n, written + n
-                        self._landed(chunk, n)
-                        if chunk.done:
-                            chunk.owner = None
-                            nxt = self._continuation(chunk, position, reach)
-                            if nxt is None:
-                                return written, None
-                            nxt.owner = wid
-                            chunk = nxt
-                        elif self._should_yield():
-                            return written, None
+                    stream.add(piece)
+                    if stream.full and not await stream.flush():
+                        return stream.written, None
+            await stream.flush()
+            return stream.written, None
         except UpstreamError as exc:
-            return written, exc
+            await stream.flush()
+            return stream.written, exc
         finally:
-            if chunk.owner == wid:
-                chunk.owner = None
+            self.map.release(wid)
             self._work.set()
-        return written, None
 
     def _landed(self, chunk: Chunk, n: int) -> None:
         chunk.advance(n)
@@ -359,13 +343,13 @@ class Fill:
         self._dirty = True
         self._notify()
 
-    def _continuation(self, chunk: Chunk, position: int, reach: int) -> Chunk | None:
+    def _continuation(self, wid: int, chunk: Chunk, position: int, reach: int) -> Chunk | None:
         """The next chunk, if this stream should carry on into it."""
         assert self.map is not None
         nxt = self.map.next_after(chunk)
         if nxt is None or nxt.start != position or position >= reach:
             return None
-        if not nxt.idle or nxt.filled or self._should_yield():
+        if nxt.reserved != wid or nxt.owner is not None or nxt.filled or self._should_yield():
             return None
         return nxt
 
@@ -384,13 +368,13 @@ class Fill:
                 return True
         return False
 
-    def _waiting_positions(self) -> list[int]:
-        waiting = [d for d in self._demands if d.waiting_since is not None]
-        waiting.sort(key=lambda d: d.waiting_since or 0.0)
-        return [d.position for d in waiting]
-
-    def _reading_positions(self) -> list[int]:
-        return [d.position for d in self._demands]
+    def _demand_positions(self) -> tuple[list[int], list[int], list[int]]:
+        """Reader positions for ``ChunkMap.claim``: urgent and waiting (oldest first), and all."""
+        now = time.monotonic()
+        waiting = sorted((d for d in self._demands if d.waiting_since is not None),
+                         key=lambda d: d.waiting_since or 0.0)
+        urgent = [d.position for d in waiting if now - (d.waiting_since or now) >= DEMAND_PATIENCE]
+        return urgent, [d.position for d in waiting], [d.position for d in self._demands]
 
     # -- hashing, saving, publishing --------------------------------------------------
 
@@ -467,6 +451,49 @@ class Fill:
             "fill done digest=%s bytes=%d fetched=%d seconds=%.2f mb_s=%.1f retries=%d",
             self.digest.short, self.size, self.fetched, seconds, self.fetched / seconds / 1e6, self.retries,
         )
+
+
+class _Stream:
+    """One range response being written into the staging file, chunk after chunk."""
+
+    def __init__(self, fill: Fill, wid: int, chunk: Chunk, reach: int) -> None:
+        self.fill, self.wid, self.chunk, self.reach = fill, wid, chunk, reach
+        self.position = chunk.edge
+        self.written = 0
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+
+    def add(self, piece: bytes) -> None:
+        self._pending.append(piece)
+        self._pending_len += len(piece)
+
+    @property
+    def full(self) -> bool:
+        """Enough for one write, or the end of the current chunk."""
+        return self._pending_len >= WRITE_SIZE or self.position + self._pending_len >= self.chunk.stop
+
+    async def flush(self) -> bool:
+        """Write what arrived; False when the stream should end here."""
+        fill = self.fill
+        assert fill._fd is not None
+        view = memoryview(b"".join(self._pending))
+        self._pending.clear()
+        self._pending_len = 0
+        while view:
+            n = min(len(view), self.chunk.stop - self.position)
+            await asyncio.to_thread(write_at, fill._fd, view[:n], self.position)
+            view, self.position, self.written = view[n:], self.position + n, self.written + n
+            fill._landed(self.chunk, n)
+            if self.chunk.done:
+                self.chunk.owner = None
+                nxt = fill._continuation(self.wid, self.chunk, self.position, self.reach)
+                if nxt is None:
+                    return False
+                nxt.owner, nxt.reserved = self.wid, None
+                self.chunk = nxt
+            elif fill._should_yield():
+                return False
+        return True
 
 
 class FillEngine:

@@ -64,7 +64,7 @@ class ServerThread:
 class Fault:
     """What the CDN does wrong to the next ``times`` blob responses (-1: all of them)."""
 
-    kind: str  # "reset", "stall", "status", "corrupt"
+    kind: str  # "reset", "stall", "status", "corrupt", "expire" (every URL expires, then a reset)
     after: int = 0  # bytes into the response body before the fault strikes
     status: int = 503
     seconds: float = 0.0  # for "stall"
@@ -95,6 +95,25 @@ def write_blob(directory: Path, size: int, seed: int) -> Blob:
     path = directory / digest.replace(":", "-")
     tmp.replace(path)
     return Blob(path, size, digest)
+
+
+def wait_for_file(path: Path, timeout: float = 30.0) -> Path:
+    """Clients may finish reading a fill a moment before it is verified and published."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+    return path
+
+
+def assert_store_verified(cache: Path) -> None:
+    """Everything under a final name in the cache is what its name says."""
+    for path in (cache / "blobs").glob("*"):
+        assert path.name.startswith("sha256-"), path
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name.removeprefix("sha256-"), path
+    for path in (cache / "manifests").rglob("*"):
+        if path.is_file():
+            assert json.loads(path.read_bytes())["schemaVersion"] == 2, path
 
 
 def blob_from_bytes(directory: Path, data: bytes) -> Blob:
@@ -179,7 +198,9 @@ class FakeCDN:
                 corrupt = False
                 if strike_at == sent and fault is not None:
                     strike_at = None
-                    if fault.kind == "reset":
+                    if fault.kind == "expire":
+                        self.expire_tokens()
+                    if fault.kind in ("reset", "expire"):
                         raise ConnectionResetError("injected reset")
                     if fault.kind == "stall":
                         await asyncio.sleep(fault.seconds)

@@ -88,20 +88,22 @@ def test_registry_host_as_ollama_writes_it() -> None:
 
 def test_chunks_fresh_fill_tiles_the_blob() -> None:
     m = ChunkMap.empty(64 << 20, 4 << 20)  # 16 chunks
-    claimed = [m.claim(i, [], []) for i in range(8)]
-    starts = sorted(c.start // (4 << 20) for c in claimed)
+    claimed = [m.claim(i, [], [], []) for i in range(8)]
+    starts = sorted(c.start for c in claimed)
     assert len(set(starts)) == 8 and starts[0] == 0
-    # every claimed chunk's request reaches only to the next claimed one
-    ends = sorted(m.idle_run_end(c) for c in claimed)
-    assert ends[-1] == 64 << 20 and len(set(ends)) == 8
+    # each request reaches just to the next claimed chunk: the requests tile the blob
+    reaches = sorted(m.reserve(c, i, 1 << 40) for i, c in enumerate(claimed))
+    assert reaches == starts[1:] + [64 << 20]
+    assert m.claim("late", [], [], []) is None  # all reserved; halves too small to steal
 
 
 def test_chunks_demand_first_and_split_mid_chunk() -> None:
     m = ChunkMap.empty(64 << 20, 16 << 20)
-    first = m.claim("a", [], [])
+    first = m.claim("a", [], [], [])
     assert first.start == 0
+    assert m.reserve(first, "a", 1 << 40) == 64 << 20  # one stream heading through the whole blob
     wanted = 40 << 20  # inside chunk 2, not at its start
-    c = m.claim("b", [wanted], [])
+    c = m.claim("b", [wanted], [wanted], [])  # a reader waiting too long cuts in
     assert c.start == wanted and m.available(wanted, 1) == 0
     assert m.chunk_at(wanted - 1).stop == wanted
 
@@ -118,12 +120,14 @@ def test_chunks_available_follows_filled_bytes() -> None:
 
 
 def test_chunks_steal_tail_and_state_round_trip() -> None:
-    m = ChunkMap.empty(8 << 20, 8 << 20)
-    only = m.claim("a", [], [])
-    stolen = m.claim("b", [], [])
-    assert stolen is not None and stolen.start == 4 << 20 and only.stop == 4 << 20
+    m = ChunkMap.empty(64 << 20, 64 << 20)
+    only = m.claim("a", [], [], [])
+    stolen = m.claim("b", [], [], [])
+    assert stolen is not None and stolen.start == 32 << 20 and only.stop == 32 << 20
     only.advance(SPLIT_MIN)
-    restored = ChunkMap.from_state(8 << 20, m.to_state())
+    m.release("a")
+    assert only.owner is None and only.filled == SPLIT_MIN
+    restored = ChunkMap.from_state(64 << 20, m.to_state())
     assert restored is not None and restored.done_bytes == SPLIT_MIN
-    assert ChunkMap.from_state(9 << 20, m.to_state()) is None
+    assert ChunkMap.from_state(65 << 20, m.to_state()) is None
     assert ChunkMap.from_state(8 << 20, [[0, 10, 20]]) is None
