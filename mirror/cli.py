@@ -53,6 +53,7 @@ def serve(settings: Settings) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((settings.listen_host, settings.listen_port))
+        sock.listen(2048)  # connections queue from now on, even before uvicorn accepts
     except OSError as exc:
         sys.exit(f"ollama-mirror: cannot listen on {settings.listen}: {exc.strerror}")
     host, port = sock.getsockname()[:2]

@@ -200,6 +200,8 @@ class Fill:
         except asyncio.CancelledError:
             self._fail(FillFailed("the mirror is shutting down"))
             await asyncio.shield(asyncio.to_thread(self._save_progress))
+            log.info("fill paused digest=%s done=%d/%d reason=shutdown; it resumes on the next request",
+                     self.digest.short, self.done_bytes, self.size)
             raise
         except Exception as exc:
             self._fail(_first_error(exc))

@@ -136,6 +136,7 @@ class FakeCDN:
         self.requests: list[tuple[str, str | None]] = []
         self.tokens: set[str] = set()
         self.rate: float | None = None  # bytes per second per response
+        self.saw_authorization = False  # credentials must never reach the CDN
         self._lock = threading.Lock()
 
     def issue_token(self) -> str:
@@ -162,6 +163,7 @@ class FakeCDN:
             await _lifespan(receive, send)
             return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.saw_authorization |= "authorization" in headers
         query = dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if "=" in p)
         digest = scope["path"].rsplit("/", 1)[-1]
         blob = self.blobs.get(digest)
@@ -188,13 +190,19 @@ class FakeCDN:
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b""})
             return
-        await self._send_range(send, blob, start, stop, fault)
+        gone = asyncio.Event()  # uvicorn drops sends to a closed connection silently: stop counting then
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
+        try:
+            await self._send_range(send, blob, start, stop, fault, gone)
+        finally:
+            watcher.cancel()
 
-    async def _send_range(self, send: Any, blob: Blob, start: int, stop: int, fault: Fault | None) -> None:
+    async def _send_range(self, send: Any, blob: Blob, start: int, stop: int, fault: Fault | None,
+                          gone: asyncio.Event) -> None:
         strike_at = fault.after if fault is not None else None  # offset into this response
         sent = 0
         with open(blob.path, "rb") as f:
-            while start + sent < stop:
+            while start + sent < stop and not gone.is_set():
                 corrupt = False
                 if strike_at == sent and fault is not None:
                     strike_at = None
@@ -318,6 +326,12 @@ async def _plain(send: Any, status: int, body: bytes, headers: dict[str, str] | 
     raw.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _watch_disconnect(receive: Any, gone: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
 
 
 async def _lifespan(receive: Any, send: Any) -> None:
