@@ -57,3 +57,25 @@ def test_real_client_cold_then_warm_pull_with_upstream_stopped(
     assert result.returncode == 0, result.stderr[-2000:]
     assert second.list_models()[name] == _model_id(manifest)
     assert registry.cdn.bytes_sent == upstream_bytes
+
+
+def test_real_client_multi_part_blob_on_a_cold_cache(
+    registry: FakeRegistry, start_mirror: MirrorFactory, ollama_factory, tmp_path: Path
+) -> None:
+    """Over 200 MB: the client sends several parallel Range parts while the mirror is still filling."""
+    layer = write_blob(registry.directory, 260_000_000, seed=12)
+    manifest = registry.add_model("library/big", "q4", [layer])
+    registry.cdn.rate = 20_000_000  # per connection: the fill lasts long enough for the parts to overlap it
+    mirror = start_mirror()
+    name = f"127.0.0.1:{mirror.port}/library/big:q4"
+    client = ollama_factory("big")
+    began = time.monotonic()
+    result = client.pull(name)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert client.list_models()[name] == _model_id(manifest)
+    ranged = [r for d, r in registry.cdn.requests if d == layer.digest and r]
+    assert len(ranged) >= 3  # the mirror fetched in parallel ranges
+    assert registry.cdn.bytes_by_digest[layer.digest] <= 1.02 * layer.size
+    pulled = client.models / "blobs" / layer.digest.replace(":", "-")
+    assert pulled.stat().st_size == layer.size
+    print(f"cold pull of {layer.size / 1e6:.0f} MB through the mirror: {time.monotonic() - began:.1f}s")
