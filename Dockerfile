@@ -1,0 +1,18 @@
+# ollama-mirror as a container: the cache is a volume, the process runs unprivileged.
+FROM python:3.11-slim
+
+RUN useradd --system --uid 10001 --home-dir /var/cache/ollama-mirror --create-home mirror
+WORKDIR /opt/ollama-mirror
+COPY pyproject.toml README.md ./
+COPY mirror ./mirror
+RUN pip install --no-cache-dir . && rm -rf /root/.cache
+
+ENV OLLAMA_MIRROR_LISTEN=0.0.0.0:11435 \
+    OLLAMA_MIRROR_CACHE_DIR=/var/cache/ollama-mirror
+VOLUME ["/var/cache/ollama-mirror"]
+EXPOSE 11435
+USER mirror
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:11435/v2/', timeout=4)"
+ENTRYPOINT ["ollama-mirror"]
+CMD ["serve"]
