@@ -119,10 +119,8 @@ class BlobService:
         if fd is not None:
             await self._touch(digest)
             return BlobBody(digest, os.fstat(fd).st_size, fd, None)
-        fill = self._engine.get(digest)
-        if fill is None:
-            size = await self.size(name, digest)
-            fill = self._engine.start(name, digest, size)  # no await since get(): still single flight
+        size = await self.size(name, digest)
+        fill = self._engine.start(name, digest, size)  # no await since size(): still single flight
         return BlobBody(digest, fill.size, None, fill)
 
     async def _touch(self, digest: Digest) -> None:

@@ -514,9 +514,13 @@ class FillEngine:
         return list(self._fills.values())
 
     def start(self, name: Name, digest: Digest, size: int) -> Fill:
-        """The running fill for ``digest``, or a new one. No await: the check and the insert are atomic."""
+        """The running fill for ``digest``, or a new one. No await: the check and the insert are atomic.
+
+        A fill that has just failed is replaced at once: the new one waits for the old one's
+        lock, then resumes from the progress it saved.
+        """
         fill = self._fills.get(digest)
-        if fill is not None:
+        if fill is not None and fill.state is not FillState.FAILED:
             return fill
         fill = Fill(
             name, digest, size, store=self._store, meta=self._meta, upstream=self._upstream,
