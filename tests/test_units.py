@@ -131,3 +131,21 @@ def test_chunks_steal_tail_and_state_round_trip() -> None:
     assert restored is not None and restored.done_bytes == SPLIT_MIN
     assert ChunkMap.from_state(65 << 20, m.to_state()) is None
     assert ChunkMap.from_state(8 << 20, [[0, 10, 20]]) is None
+
+
+def test_settings_from_environment_and_flags() -> None:
+    from pathlib import Path
+
+    from mirror.config import SettingsError, load_settings
+
+    env = {"OLLAMA_MIRROR_LISTEN": "127.0.0.1:9000", "OLLAMA_MIRROR_OFFLINE": "yes",
+           "OLLAMA_MIRROR_CACHE_DIR": "/tmp/c", "OLLAMA_MIRROR_CONNECTIONS": "4"}
+    settings = load_settings({"listen": "127.0.0.1:9001", "upstream": None}, env)
+    assert settings.listen_port == 9001  # a flag beats the environment
+    assert settings.offline and settings.connections == 4 and settings.cache_dir == Path("/tmp/c")
+    with pytest.raises(SettingsError, match="OLLAMA_MIRROR_CONNECTIONS"):
+        load_settings({}, {"OLLAMA_MIRROR_CONNECTIONS": "many"})
+    with pytest.raises(SettingsError, match="upstream"):
+        load_settings({"upstream": "ftp://x"}, {})
+    with pytest.raises(SettingsError, match="listen"):
+        load_settings({"listen": "nowhere"}, {})
