@@ -14,7 +14,10 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -121,6 +124,30 @@ def blob_from_bytes(directory: Path, data: bytes) -> Blob:
     path = directory / digest.replace(":", "-")
     path.write_bytes(data)
     return Blob(path, len(data), digest)
+
+
+class MirrorProcess:
+    """``python -m mirror serve`` as its own process, as a user runs it."""
+
+    def __init__(self, cache: Path, upstream: str, label: str, *extra: str) -> None:
+        self.log = cache.parent / f"mirror-{label}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mirror", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache),
+             "--upstream", upstream, *extra],
+            stderr=open(self.log, "wb"), stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            found = re.findall(r"listening url=(\S+)", self.log.read_text())
+            if found and self.process.poll() is None:
+                self.url = found[-1]
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"mirror did not start:\n{self.log.read_text()}")
+
+    def stop(self, sig: int) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(30)
 
 
 class FakeCDN:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,33 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .fakes import FakeRegistry, assert_store_verified, write_blob
+from .fakes import FakeRegistry, MirrorProcess, assert_store_verified, write_blob
 
 MB = 1_000_000
-
-
-class MirrorProcess:
-    """``python -m mirror serve`` as its own process, as a user runs it."""
-
-    def __init__(self, cache: Path, upstream: str, label: str) -> None:
-        self.log = cache.parent / f"mirror-{label}.log"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mirror", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache),
-             "--upstream", upstream],
-            stderr=open(self.log, "wb"), stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            found = re.findall(r"listening url=(\S+)", self.log.read_text())
-            if found and self.process.poll() is None:
-                self.url = found[-1]
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"mirror did not start:\n{self.log.read_text()}")
-
-    def stop(self, sig: int) -> int:
-        self.process.send_signal(sig)
-        return self.process.wait(30)
 
 
 @pytest.fixture

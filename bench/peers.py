@@ -1,0 +1,173 @@
+"""The peers the mirror is measured against, each started on 127.0.0.1 and stopped by itself.
+
+- nginx: serves the same blob files with sendfile (the limit for warm serving), and,
+  rate-limited per connection, plays the far-away CDN for cold fills;
+- aria2c -x8 and curl: what people download with instead;
+- docker-registry (CNCF distribution 2.8) as a pull-through proxy: the generic cache.
+All are Debian packages; ``ensure_tools`` installs the missing ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+TOOLS = {"nginx": "nginx-light", "aria2c": "aria2", "curl": "curl", "wrk": "wrk",
+         "docker-registry": "docker-registry"}
+
+
+def ensure_tools() -> None:
+    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
+    if not missing:
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    print(f"installing the benchmark's peers: {' '.join(missing)}", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", *missing], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class Nginx:
+    """Two servers: ``plain_url`` unthrottled, ``cdn_url`` limited per connection."""
+
+    def __init__(self, work: Path, files: Path, rate_per_connection: int) -> None:
+        self.dir = work / "nginx"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.plain_port, self.cdn_port = free_port(), free_port()
+        self.access_log = self.dir / "access.log"
+        temp = "".join(f"{kind}_temp_path {self.dir}/{kind};\n"
+                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (self.dir / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  {temp}
+  log_format bench '$request_uri $status $bytes_sent';
+  access_log {self.access_log} bench;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  default_type application/octet-stream;
+  server {{
+    listen 127.0.0.1:{self.plain_port};
+    location /objects/ {{ alias {files}/; }}
+  }}
+  server {{
+    listen 127.0.0.1:{self.cdn_port};
+    location /objects/ {{ alias {files}/; limit_rate {rate_per_connection}; }}
+  }}
+}}
+""")
+        self.process = subprocess.Popen(["nginx", "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir)],
+                                        stderr=subprocess.DEVNULL)
+        wait_port(self.plain_port)
+        wait_port(self.cdn_port)
+
+    @property
+    def plain_url(self) -> str:
+        return f"http://127.0.0.1:{self.plain_port}"
+
+    @property
+    def cdn_url(self) -> str:
+        return f"http://localhost:{self.cdn_port}"
+
+    def bytes_sent(self, fragment: str) -> int:
+        """Bytes nginx sent for requests whose URI contains ``fragment`` (from its access log)."""
+        total = 0
+        if self.access_log.exists():
+            for line in self.access_log.read_text().splitlines():
+                uri, _, sent = line.rsplit(" ", 2)
+                if fragment in uri:
+                    total += int(sent)
+        return total
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class DockerRegistry:
+    """CNCF distribution as a pull-through proxy of ``remote``; our own config, loopback only."""
+
+    def __init__(self, work: Path, remote: str) -> None:
+        self.dir = work / "docker-registry"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        (self.dir / "config.yml").write_text(f"""version: 0.1
+log: {{level: error}}
+storage: {{filesystem: {{rootdirectory: {self.dir}/data}}}}
+http:
+  addr: 127.0.0.1:{self.port}
+  headers: {{Location: ["#"]}}
+proxy: {{remoteurl: "{remote}"}}
+""")
+        self.log = self.dir / "log"
+        self.process = subprocess.Popen(["docker-registry", "serve", str(self.dir / "config.yml")],
+                                        stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        wait_port(self.port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def curl(url: str, *args: str, timeout: float = 600) -> dict[str, float]:
+    """One curl download to /dev/null; its timings (seconds) and speed (bytes/s)."""
+    fmt = "%{http_code} %{size_download} %{time_starttransfer} %{time_total} %{speed_download}"
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", fmt, *args, url], capture_output=True,
+                         text=True, timeout=timeout, check=True).stdout.split()
+    return {"status": float(out[0]), "bytes": float(out[1]), "ttfb": float(out[2]), "total": float(out[3]),
+            "speed": float(out[4])}
+
+
+def aria2c(url: str, dest: Path, timeout: float = 600) -> float:
+    """aria2c -x8 -s8 to ``dest``; the wall time in seconds."""
+    began = time.monotonic()
+    subprocess.run(["aria2c", "-q", "-x8", "-s8", "-k1M", "--allow-overwrite=true", "--file-allocation=none",
+                    "-d", str(dest.parent), "-o", dest.name, url], check=True, timeout=timeout)
+    return time.monotonic() - began
+
+
+def wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
+    """wrk with keep-alive: requests per second and p99 latency in ms."""
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+                         capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    rps = float(out.split("Requests/sec:")[1].split()[0])
+    p99 = out.split(" 99%")[1].split()[0]
+    return {"rps": rps, "p99_ms": _ms(p99), "non_2xx": float("Non-2xx" in out)}
+
+
+def _ms(text: str) -> float:
+    for unit, factor in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float(text)
