@@ -284,6 +284,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="small blobs, one repetition (CI smoke test)")
     parser.add_argument("--out", default="bench-results.json")
+    parser.add_argument("--only", action="append", default=[], metavar="SCENARIO",
+                        help="run just these scenarios (warm_serving, cold_fill, coalescing, memory, "
+                             "upstream_speed, docker_registry); repeatable")
     args = parser.parse_args()
     ensure_tools()
     profile = QUICK if args.quick else FULL
@@ -293,6 +296,8 @@ def main() -> None:
     try:
         for scenario in (bench.warm_serving, bench.cold_fill, bench.coalescing, bench.memory,
                          bench.upstream_speed, bench.docker_registry):
+            if args.only and scenario.__name__ not in args.only:
+                continue
             print(f"running {scenario.__name__} ...", flush=True)
             scenario()
     finally:
@@ -300,7 +305,7 @@ def main() -> None:
         if os.environ.get("BENCH_KEEP") is None:
             shutil.rmtree(work, ignore_errors=True)
     report = {"profile": "quick" if args.quick else "full", "results": bench.results,
-              "targets": summarize(bench.results)}
+              "targets": summarize(bench.results) if not args.only else {}}
     Path(args.out).write_text(json.dumps(report, indent=2))
     print_table(report)
 
