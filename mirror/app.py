@@ -21,6 +21,7 @@ from .layout import Layout, registry_host
 from .logs import AccessLog
 from .manifests import ManifestService
 from .metadata import Metadata
+from .pulls import PullService
 from .responses import error_response, registry_error
 from .routes import routes
 from .store import BlobStore
@@ -57,9 +58,11 @@ def create_app(settings: Settings) -> Starlette:
         if removed:
             log.info("staging swept files=%d reason=no saved progress", len(removed))
         engine = FillEngine(store, meta, upstream, settings)
+        app.state.layout = layout
         app.state.engine = engine
         app.state.manifests = ManifestService(store, meta, upstream, settings)
         app.state.blobs = BlobService(store, meta, upstream, engine, settings)
+        app.state.pulls = PullService(app.state.manifests, app.state.blobs, layout.host)
         log.info(
             "mirror ready cache=%s upstream=%s%s", settings.cache_dir, settings.upstream,
             " offline" if settings.offline else "",

@@ -123,6 +123,14 @@ class BlobService:
         fill = self._engine.start(name, digest, size)  # no await since size(): still single flight
         return BlobBody(digest, fill.size, None, fill)
 
+    async def ensure(self, name: Name, digest: Digest, size: int) -> Fill | None:
+        """Start filling the blob unless it is stored; the size comes from its manifest."""
+        if await asyncio.to_thread(self._store.blob_size, digest) is not None:
+            return None
+        if self._offline:
+            raise BlobUnknown(f"blob {digest} is not cached and the mirror is offline")
+        return self._engine.start(name, digest, size)
+
     async def _touch(self, digest: Digest) -> None:
         """Record the access for eviction, at most once a minute per blob."""
         if digest not in self._touched:

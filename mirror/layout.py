@@ -65,9 +65,10 @@ class Layout:
     def staging_lock(self, digest: Digest) -> Path:
         return self.staging / f"sha256-{digest.hex}.lock"
 
-    def manifest(self, name: Name, tag: str) -> Path:
+    def manifest(self, name: Name, tag: str, host: str | None = None) -> Path:
+        """The tag's manifest file, under the upstream's host unless another is named."""
         # Ollama lowercases every part of a manifest path; so do we, so lookups agree.
-        path = self.manifests / self.host / name.namespace.lower() / name.model.lower() / tag.lower()
+        path = self.manifests / (host or self.host) / name.namespace.lower() / name.model.lower() / tag.lower()
         return self._contained(path, self.manifests)
 
     def manifest_by_digest(self, digest: Digest) -> Path:

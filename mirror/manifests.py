@@ -77,7 +77,10 @@ class ManifestService:
         self._missing: TTLCache[tuple[str, str, str], bool] = TTLCache(maxsize=4096, ttl=settings.negative_ttl)
         self._inflight: dict[tuple[object, ...], asyncio.Task[CachedManifest]] = {}
 
-    async def by_tag(self, name: Name, tag: str, client_headers: Mapping[str, str]) -> ManifestAnswer:
+    async def by_tag(
+        self, name: Name, tag: str, client_headers: Mapping[str, str], revalidate: bool = False
+    ) -> ManifestAnswer:
+        """The tag's manifest; ``revalidate`` asks upstream even within the TTL (an explicit pull)."""
         key = (name.namespace.lower(), name.model.lower(), tag.lower())
         local = self._memory.get(key) or await asyncio.to_thread(self._load, name, tag)
         if local is not None:
@@ -86,7 +89,7 @@ class ManifestService:
             if local is None:
                 raise ManifestUnknown(f"{name}:{tag} is not cached and the mirror is offline")
             return ManifestAnswer(local, "hit")
-        if local is not None and time.time() - local.fetched_at < self._settings.manifest_ttl:
+        if local is not None and not revalidate and time.time() - local.fetched_at < self._settings.manifest_ttl:
             return ManifestAnswer(local, "hit")
         if local is None and key in self._missing:
             raise ManifestUnknown(f"manifest {name}:{tag} is unknown to upstream")
@@ -174,6 +177,10 @@ class ManifestService:
     def _remember(self, key: tuple[str, str, str], manifest: CachedManifest) -> None:
         self._memory[key] = manifest
         self._by_digest[manifest.digest] = manifest
+
+    def forget(self, name: Name, tag: str) -> None:
+        """Drop a removed tag from memory, so it is not served from there."""
+        self._memory.pop((name.namespace.lower(), name.model.lower(), tag.lower()), None)
 
     async def by_digest(self, digest: Digest) -> CachedManifest:
         """A manifest by digest: only from the store, since the registry does not answer these."""

@@ -82,3 +82,32 @@ def parse_tag(text: str) -> str:
     """A tag, as it may appear in a manifest path or a user's ``model:tag``."""
     return _check_part("tag", text, _PART)
 
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """A model as a user types it, ``[host/][namespace/]model[:tag]``, with Ollama's defaults."""
+
+    host: str | None  # None: the default registry, which for the mirror is its upstream
+    name: Name
+    tag: str
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        rest = text.strip().removeprefix("https://").removeprefix("http://")
+        host = None
+        if rest.count("/") == 2:
+            host, rest = rest.split("/", 1)
+            if not _HOST.fullmatch(host):
+                raise NameInvalid(f"invalid registry host {host[:100]!r} in model name")
+        path, sep, tag = rest.rpartition(":")
+        if not sep:
+            path, tag = rest, DEFAULT_TAG
+        return cls(host, Name.parse(path), parse_tag(tag))
+
+    def __str__(self) -> str:
+        prefix = f"{self.host}/" if self.host else ""
+        return f"{prefix}{self.name}:{self.tag}"
+
+
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?")

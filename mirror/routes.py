@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import ollama_api
 from .blobs import BlobService
 from .errors import RouteUnknown, Unsupported
 from .manifests import ManifestService
@@ -74,6 +75,7 @@ async def unknown(request: Request) -> Response:
 
 
 routes = [
+    *ollama_api.routes,
     Route("/v2/", v2_root, methods=ALL_METHODS),
     Route("/v2/{name:path}/blobs/uploads/{rest:path}", push, methods=ALL_METHODS),
     Route("/v2/{name:path}/manifests/{reference:path}", manifest, methods=ALL_METHODS),

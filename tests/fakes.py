@@ -275,18 +275,23 @@ class FakeRegistry:
         self.cdn.blobs[blob.digest] = blob
         return blob
 
-    def add_model(self, name: str, tag: str, layers: list[Blob], config: Blob | None = None) -> bytes:
-        """Register a model; returns its manifest bytes (compact JSON, no newline, like the registry's)."""
+    def add_model(self, name: str, tag: str, layers: list[Blob | tuple[Blob, str]],
+                  config: Blob | None = None) -> bytes:
+        """Register a model; returns its manifest bytes (compact JSON, no newline, like the registry's).
+
+        A layer is a blob (a model layer) or (blob, kind) with kind "template", "params", "license"...
+        """
         config = config or blob_from_bytes(self.directory, json.dumps({"model_format": "gguf"}).encode())
-        for blob in [config, *layers]:
+        typed = [(item, "model") if isinstance(item, Blob) else item for item in layers]
+        for blob in [config, *(b for b, _ in typed)]:
             self.add_blob(blob)
         manifest = {
             "schemaVersion": 2,
             "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
             "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
                        "digest": config.digest, "size": config.size},
-            "layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": b.digest, "size": b.size}
-                       for b in layers],
+            "layers": [{"mediaType": f"application/vnd.ollama.image.{kind}", "digest": b.digest, "size": b.size}
+                       for b, kind in typed],
         }
         data = json.dumps(manifest, separators=(",", ":")).encode()
         self.manifests[(name, tag)] = data

@@ -84,16 +84,18 @@ class OllamaServer:
             time.sleep(0.2)
         raise RuntimeError(f"ollama serve did not start:\n{self.log.read_text()[-3000:]}")
 
-    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.binary), *args], env=self.env, capture_output=True, text=True,
+    def cli(self, *args: str, timeout: float = 600, host: str | None = None) -> subprocess.CompletedProcess[str]:
+        """The ``ollama`` CLI, talking to this server or to ``host`` (e.g. the mirror)."""
+        env = {**self.env, "OLLAMA_HOST": host} if host else self.env
+        return subprocess.run([str(self.binary), *args], env=env, capture_output=True, text=True,
                               timeout=timeout)
 
     def pull(self, name: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return self.cli("pull", "--insecure", name, timeout=timeout)
 
-    def list_models(self) -> dict[str, str]:
+    def list_models(self, host: str | None = None) -> dict[str, str]:
         """``ollama list`` as {name: short id}."""
-        result = self.cli("list", timeout=60)
+        result = self.cli("list", timeout=60, host=host)
         assert result.returncode == 0, result.stderr
         rows = [line.split() for line in result.stdout.splitlines()[1:] if line.strip()]
         return {row[0]: row[1] for row in rows}

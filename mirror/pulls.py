@@ -1,0 +1,63 @@
+"""Warming the cache with a whole model, reporting progress as Ollama's own pull does.
+
+The manifest is fetched (revalidated), then every blob's fill is started at once
+through the same engine that serves clients; the progress reported is the fills'.
+The fills belong to the engine, so a caller that stops listening stops nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+
+from .blobs import BlobService
+from .errors import ManifestUnknown, NameInvalid
+from .fill import Fill
+from .manifests import ManifestService
+from .models import Layer, parse_layers
+from .names import ModelRef
+
+PROGRESS_INTERVAL = 0.25  # seconds between progress lines per layer
+
+
+class PullService:
+    def __init__(self, manifests: ManifestService, blobs: BlobService, host: str) -> None:
+        self._manifests, self._blobs, self._host = manifests, blobs, host
+
+    def check_host(self, ref: ModelRef) -> None:
+        """The mirror fills from one upstream; a name that names another host is refused."""
+        if ref.host not in (None, self._host, "registry.ollama.ai"):
+            raise NameInvalid(f"this mirror fills from {self._host}, not {ref.host}")
+
+    async def pull(self, ref: ModelRef, headers: Mapping[str, str]) -> AsyncIterator[dict[str, object]]:
+        """Progress events, in the shapes Ollama's CLI parses (api.ProgressResponse)."""
+        self.check_host(ref)
+        yield {"status": "pulling manifest"}
+        answer = await self._manifests.by_tag(ref.name, ref.tag, headers, revalidate=True)
+        try:
+            config, layers = parse_layers(answer.manifest.data)
+        except ValueError as exc:
+            raise ManifestUnknown(f"manifest of {ref} is unreadable: {exc}") from exc
+        blobs = [*layers, config]
+        fills = {layer.digest: await self._blobs.ensure(ref.name, layer.digest, layer.size) for layer in blobs}
+        async for event in self._progress(blobs, fills):
+            yield event
+        for fill in fills.values():
+            if fill is not None:
+                await fill.verified()
+        yield {"status": "verifying sha256 digest"}
+        yield {"status": "writing manifest"}
+        yield {"status": "success"}
+
+    async def _progress(self, blobs: list[Layer], fills: dict[object, Fill | None]) -> AsyncIterator[dict[str, object]]:
+        """One line per layer, repeated until it is complete, as Ollama prints its bars."""
+        for layer in blobs:
+            fill = fills[layer.digest]
+            while True:
+                done = layer.size if fill is None else fill.done_bytes
+                yield {"status": f"pulling {layer.digest.hex[:12]}", "digest": str(layer.digest),
+                       "total": layer.size, "completed": done}
+                if fill is None or done >= layer.size:
+                    break
+                fill.raise_if_failed()
+                await asyncio.sleep(PROGRESS_INTERVAL)
