@@ -61,9 +61,14 @@ class Bench:
         self.registry_server = ServerThread(self.registry).start()
         self.registry.url = self.registry_server.url()
         self.results: dict[str, dict[str, object]] = {}
-        self._runs = 0
+        self._mirrors: list[MirrorProcess] = []
 
     def close(self) -> None:
+        for mirror in self._mirrors:
+            if mirror.process.poll() is None:
+                mirror.process.kill()
+        if hasattr(self, "_plain"):
+            self._plain.stop()
         self.registry_server.stop()
         self.nginx.stop()
 
@@ -78,10 +83,11 @@ class Bench:
         return name, blob.digest
 
     def mirror(self, *extra: str, upstream: str | None = None) -> MirrorProcess:
-        self._runs += 1
-        cache = self.work / f"mirror{self._runs}" / "cache"
+        cache = self.work / f"mirror{len(self._mirrors) + 1}" / "cache"
         cache.parent.mkdir()
-        return MirrorProcess(cache, upstream or self.registry.url, "run", *extra)
+        mirror = MirrorProcess(cache, upstream or self.registry.url, "run", *extra)
+        self._mirrors.append(mirror)
+        return mirror
 
     def record(self, key: str, samples: list[float], unit: str, **extra: object) -> None:
         self.results[key] = {"median": statistics.median(samples), "min": min(samples), "max": max(samples),

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -45,34 +46,54 @@ async def _bug(request: Request, exc: Exception) -> Response:
     return error_response(500, "UNKNOWN", "internal error in the mirror; see its log")
 
 
+@dataclass
+class Mirror:
+    """The mirror's parts, wired: what the server and the CLI commands share."""
+
+    settings: Settings
+    layout: Layout
+    store: BlobStore
+    meta: Metadata
+    upstream: Upstream
+    engine: FillEngine
+    manifests: ManifestService
+    blobs: BlobService
+    pulls: PullService
+
+
+@contextlib.asynccontextmanager
+async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
+    """Build the parts; on exit, fills save their progress and everything is closed."""
+    layout = Layout(settings.cache_dir, registry_host(settings.upstream))
+    store = BlobStore(layout)
+    meta = Metadata(layout.meta)
+    upstream = Upstream(settings.upstream, connect_timeout=settings.connect_timeout,
+                        stall_timeout=settings.stall_timeout)
+    removed = await asyncio.to_thread(store.sweep, meta.fills_in_progress())
+    if removed:
+        log.info("staging swept files=%d reason=no saved progress", len(removed))
+    engine = FillEngine(store, meta, upstream, settings)
+    manifests = ManifestService(store, meta, upstream, settings)
+    blobs = BlobService(store, meta, upstream, engine, settings)
+    pulls = PullService(manifests, blobs, layout.host)
+    try:
+        yield Mirror(settings, layout, store, meta, upstream, engine, manifests, blobs, pulls)
+    finally:
+        await engine.close()
+        await upstream.aclose()
+        meta.close()
+
+
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        layout = Layout(settings.cache_dir, registry_host(settings.upstream))
-        store = BlobStore(layout)
-        meta = Metadata(layout.meta)
-        upstream = Upstream(
-            settings.upstream, connect_timeout=settings.connect_timeout, stall_timeout=settings.stall_timeout
-        )
-        removed = await asyncio.to_thread(store.sweep, meta.fills_in_progress())
-        if removed:
-            log.info("staging swept files=%d reason=no saved progress", len(removed))
-        engine = FillEngine(store, meta, upstream, settings)
-        app.state.layout = layout
-        app.state.engine = engine
-        app.state.manifests = ManifestService(store, meta, upstream, settings)
-        app.state.blobs = BlobService(store, meta, upstream, engine, settings)
-        app.state.pulls = PullService(app.state.manifests, app.state.blobs, layout.host)
-        log.info(
-            "mirror ready cache=%s upstream=%s%s", settings.cache_dir, settings.upstream,
-            " offline" if settings.offline else "",
-        )
-        try:
+        async with open_mirror(settings) as mirror:
+            state = app.state
+            state.layout, state.engine, state.manifests = mirror.layout, mirror.engine, mirror.manifests
+            state.blobs, state.pulls = mirror.blobs, mirror.pulls
+            log.info("mirror ready cache=%s upstream=%s%s", settings.cache_dir, settings.upstream,
+                     " offline" if settings.offline else "")
             yield
-        finally:
-            await engine.close()
-            await upstream.aclose()
-            meta.close()
 
     return Starlette(
         routes=routes,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from cachetools import TTLCache
 
@@ -21,7 +21,7 @@ from .names import Digest, Name
 from .store import BlobStore, read_at
 from .upstream import Upstream
 
-READ_SIZE = 4 << 20  # per read and per send: 64 KiB chunks serve 5x slower (perf-notes.md)
+ReadSize = Callable[[], int]  # asked before every read: the size may change while a body streams
 TOUCH_EVERY = 60.0  # seconds between access-time writes for one blob
 
 
@@ -40,7 +40,7 @@ class BlobBody:
             os.close(self._fd)
             self._fd = None
 
-    async def iter_span(self, start: int, stop: int, read_size: int = READ_SIZE) -> AsyncIterator[bytes]:
+    async def iter_span(self, start: int, stop: int, read_size: ReadSize) -> AsyncIterator[bytes]:
         if self._fill is None:
             async for data in self._iter_file(start, stop, read_size):
                 yield data
@@ -48,17 +48,17 @@ class BlobBody:
             async for data in self._iter_fill(self._fill, start, stop, read_size):
                 yield data
 
-    async def _iter_file(self, start: int, stop: int, read_size: int) -> AsyncIterator[bytes]:
+    async def _iter_file(self, start: int, stop: int, read_size: ReadSize) -> AsyncIterator[bytes]:
         assert self._fd is not None
         position = start
         while position < stop:
-            data = await asyncio.to_thread(read_at, self._fd, position, min(read_size, stop - position))
+            data = await asyncio.to_thread(read_at, self._fd, position, min(read_size(), stop - position))
             if not data:
                 raise FillFailed(f"blob {self.digest.short} is shorter than {self.size} bytes on disk")
             position += len(data)
             yield data
 
-    async def _iter_fill(self, fill: Fill, start: int, stop: int, read_size: int) -> AsyncIterator[bytes]:
+    async def _iter_fill(self, fill: Fill, start: int, stop: int, read_size: ReadSize) -> AsyncIterator[bytes]:
         """Follow the fill. A whole-blob response keeps its last bytes until the digest is
         verified, so a client that does not hash (curl) never gets wrong bytes with a clean end."""
         whole = start == 0 and stop == self.size
@@ -66,7 +66,7 @@ class BlobBody:
         try:
             position = start
             while position < stop:
-                n = fill.available(position, min(read_size, stop - position))
+                n = fill.available(position, min(read_size(), stop - position))
                 if n == 0:
                     fill.raise_if_failed()
                     await fill.wait_progress(demand)

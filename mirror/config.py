@@ -36,6 +36,7 @@ class Settings:
     stall_timeout: float = 20.0  # no byte for this long: the range is resumed on a new connection
     max_retries: int = 10  # tries per chunk without progress before the fill fails
     log_level: str = "info"
+    lock: Path | None = None  # a lock file (ollama-mirror freeze): those tags answer exactly those manifests
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.upstream).scheme
@@ -73,7 +74,7 @@ def _convert(key: str, kind: type, text: str) -> object:
 
 def load_settings(flags: Mapping[str, object], environ: Mapping[str, str]) -> Settings:
     """Settings from ``OLLAMA_MIRROR_*`` variables, overridden by flags that were given."""
-    kinds = {f.name: (Path if f.name == "cache_dir" else type(f.default)) for f in fields(Settings)}
+    kinds = {f.name: (Path if f.name in ("cache_dir", "lock") else type(f.default)) for f in fields(Settings)}
     values: dict[str, object] = {}
     for key, kind in kinds.items():
         text = environ.get(ENV_PREFIX + key.upper())

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from cachetools import LRUCache, TTLCache
 
@@ -76,12 +77,15 @@ class ManifestService:
         self._by_digest: LRUCache[Digest, CachedManifest] = LRUCache(maxsize=4096)
         self._missing: TTLCache[tuple[str, str, str], bool] = TTLCache(maxsize=4096, ttl=settings.negative_ttl)
         self._inflight: dict[tuple[object, ...], asyncio.Task[CachedManifest]] = {}
+        self._locked = load_lock(settings.lock, self._host) if settings.lock else {}
 
     async def by_tag(
         self, name: Name, tag: str, client_headers: Mapping[str, str], revalidate: bool = False
     ) -> ManifestAnswer:
         """The tag's manifest; ``revalidate`` asks upstream even within the TTL (an explicit pull)."""
         key = (name.namespace.lower(), name.model.lower(), tag.lower())
+        if key in self._locked:
+            return await self._by_lock(key, name, tag, client_headers)
         local = self._memory.get(key) or await asyncio.to_thread(self._load, name, tag)
         if local is not None:
             self._remember(key, local)
@@ -178,6 +182,21 @@ class ManifestService:
         self._memory[key] = manifest
         self._by_digest[manifest.digest] = manifest
 
+    async def _by_lock(
+        self, key: tuple[str, str, str], name: Name, tag: str, client_headers: Mapping[str, str]
+    ) -> ManifestAnswer:
+        """A locked tag: exactly the manifest the lock names, never revalidated."""
+        digest = self._locked[key]
+        try:
+            return ManifestAnswer(await self.by_digest(digest), "locked")
+        except ManifestUnknown:
+            if self._settings.offline:
+                raise ManifestUnknown(f"{name}:{tag} is locked to {digest}, which is not cached") from None
+        fetched = await self._fetch_once(key, name, tag, client_headers)
+        if fetched.digest != digest:
+            raise ManifestUnknown(f"{name}:{tag} is locked to {digest}; upstream now has {fetched.digest}")
+        return ManifestAnswer(fetched, "locked")
+
     def forget(self, name: Name, tag: str) -> None:
         """Drop a removed tag from memory, so it is not served from there."""
         self._memory.pop((name.namespace.lower(), name.model.lower(), tag.lower()), None)
@@ -192,6 +211,20 @@ class ManifestService:
             manifest = CachedManifest(data, digest, _media_type_of(data), 0.0)
             self._by_digest[digest] = manifest
         return manifest
+
+
+def load_lock(path: Path, host: str) -> dict[tuple[str, str, str], Digest]:
+    """The tags a lock file pins for this upstream host: {(namespace, model, tag): manifest digest}."""
+    doc = json.loads(path.read_text())
+    locked = {}
+    for model, digest in doc.get("models", {}).items():
+        model_host, _, rest = model.partition("/")
+        if model_host != host:
+            continue
+        path_part, _, tag = rest.rpartition(":")
+        name = Name.parse(path_part)
+        locked[(name.namespace.lower(), name.model.lower(), tag.lower())] = Digest.parse(digest)
+    return locked
 
 
 def _media_type_of(data: bytes) -> str:

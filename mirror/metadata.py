@@ -32,9 +32,9 @@ class Metadata:
 
     # -- manifests --------------------------------------------------------------
 
-    @staticmethod
-    def _manifest_key(host: str, name: Name, tag: str) -> str:
-        return f"manifest:{host}/{name.namespace.lower()}/{name.model.lower()}:{tag.lower()}"
+    @classmethod
+    def _manifest_key(cls, host: str, name: Name, tag: str) -> str:
+        return f"manifest:{cls._model_key(host, name, tag)}"
 
     def manifest(self, host: str, name: Name, tag: str) -> ManifestRecord | None:
         value = self._cache.get(self._manifest_key(host, name, tag))
@@ -64,6 +64,22 @@ class Metadata:
     def blob_access(self, digest: Digest) -> float | None:
         value = self._cache.get(f"access:{digest.hex}")
         return value if isinstance(value, float) else None
+
+    # -- pins: models that survive any cleanup ------------------------------------------------
+
+    @staticmethod
+    def _model_key(host: str, name: Name, tag: str) -> str:
+        return f"{host}/{name.namespace.lower()}/{name.model.lower()}:{tag.lower()}"
+
+    def set_pinned(self, host: str, name: Name, tag: str, pinned: bool) -> None:
+        key = f"pin:{self._model_key(host, name, tag)}"
+        if pinned:
+            self._cache.set(key, True)
+        else:
+            self._cache.delete(key)
+
+    def is_pinned(self, host: str, name: Name, tag: str) -> bool:
+        return bool(self._cache.get(f"pin:{self._model_key(host, name, tag)}"))
 
     # -- fill progress ----------------------------------------------------------
 
