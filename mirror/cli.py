@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
+from typing import TextIO
+from pathlib import Path
 
 import uvicorn
 
-from . import __version__, logs
-from .app import create_app
+from . import __version__, logs, models, seeding
+from .app import create_app, open_mirror
 from .config import DEFAULT_CACHE_DIR, DEFAULT_LISTEN, DEFAULT_UPSTREAM, Settings, SettingsError, load_settings
+from .errors import MirrorError
+from .layout import Layout, registry_host
+from .metadata import Metadata
+from .models import CachedModel
+from .names import ModelRef
+from .progress import Progress, human
 
 log = logging.getLogger("mirror")
 
@@ -23,21 +34,47 @@ log = logging.getLogger("mirror")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ollama-mirror", description="A pull-through cache for the Ollama registry.")
     parser.add_argument("--version", action="version", version=f"ollama-mirror {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache-dir", help=f"the cache, an Ollama models directory (default {DEFAULT_CACHE_DIR})")
+    common.add_argument("--upstream", help=f"registry URL to fill from (default {DEFAULT_UPSTREAM})")
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve the registry protocol from the cache, filling from upstream")
+
+    serve = commands.add_parser("serve", parents=[common], help="serve the registry protocol from the cache")
     serve.add_argument("--listen", help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN}; port 0 picks one)")
-    serve.add_argument("--cache-dir", help=f"the cache, an Ollama models directory (default {DEFAULT_CACHE_DIR})")
-    serve.add_argument("--upstream", help=f"registry URL to fill from (default {DEFAULT_UPSTREAM})")
     serve.add_argument("--offline", action="store_const", const=True, help="never contact upstream")
     serve.add_argument("--connections", type=int, help="parallel Range requests per blob (default 8)")
     serve.add_argument("--manifest-ttl", type=float, help="seconds a cached tag is served before revalidating (600)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--lock", help="a lock file from `freeze`: its tags answer exactly its manifests")
+
+    models_help = "models as a user types them: qwen2.5:7b, team/model:v1, host:port/ns/model:tag"
+    pull = commands.add_parser("pull", parents=[common], help="warm the cache from upstream, without a client")
+    pull.add_argument("models", nargs="+", help=models_help)
+    imp = commands.add_parser("import", parents=[common], help="ingest an Ollama models directory or a bundle")
+    imp.add_argument("path", help="a models directory (~/.ollama/models, a USB copy) or an export .tar")
+    exp = commands.add_parser("export", parents=[common], help="write models as an Ollama models directory or tar")
+    exp.add_argument("models", nargs="*", help=models_help)
+    exp.add_argument("--to", required=True, help="a directory, a FILE.tar, or - for a tar on stdout")
+    exp.add_argument("--all", action="store_true", help="every cached model")
+    ls = commands.add_parser("ls", parents=[common], help="the cached models")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    rm = commands.add_parser("rm", parents=[common], help="remove a tag; blobs no other model uses go with it")
+    rm.add_argument("models", nargs="+", help=models_help)
+    for verb in ("pin", "unpin"):
+        p = commands.add_parser(verb, parents=[common], help=f"{verb} models (pinned ones survive any cleanup)")
+        p.add_argument("models", nargs="+", help=models_help)
+    commands.add_parser("verify", parents=[common], help="re-hash every blob; move bad ones aside")
+    freeze = commands.add_parser("freeze", parents=[common], help="print tag -> manifest digest for `serve --lock`")
+    freeze.add_argument("models", nargs="*", help="only these (default: all cached)")
     return parser
+
+
+SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "manifest_ttl", "log_level", "lock"}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    flags = {k: v for k, v in vars(args).items() if k in SETTING_FLAGS}
     try:
         settings = load_settings(flags, os.environ)
     except SettingsError as exc:
@@ -45,6 +82,153 @@ def main(argv: Sequence[str] | None = None) -> None:
     logs.configure(settings.log_level)
     if args.command == "serve":
         serve(settings)
+        return
+    try:
+        COMMANDS[args.command](settings, args)
+    except (MirrorError, ValueError, OSError) as exc:
+        sys.exit(f"ollama-mirror {args.command}: {exc}")
+
+
+# -- seeding commands ---------------------------------------------------------------------
+
+
+def _layout(settings: Settings) -> Layout:
+    layout = Layout(settings.cache_dir, registry_host(settings.upstream))
+    layout.make_dirs()
+    return layout
+
+
+def _resolve(layout: Layout, text: str) -> CachedModel:
+    ref = ModelRef.parse(text)
+    found = models.load(layout, ref.host or layout.host, ref.name, ref.tag)
+    if found is None:
+        raise ValueError(f"{text} is not in the cache at {layout.root}")
+    return found
+
+
+def cmd_pull(settings: Settings, args: argparse.Namespace) -> None:
+    asyncio.run(_pull(settings, [ModelRef.parse(text) for text in args.models]))
+
+
+async def _pull(settings: Settings, refs: list[ModelRef]) -> None:
+    async with open_mirror(settings) as mirror:
+        for ref in refs:
+            bars: dict[str, Progress] = {}
+            async for event in mirror.pulls.pull(ref, {"User-Agent": f"ollama-mirror/{__version__}"}):
+                digest = event.get("digest")
+                if isinstance(digest, str):
+                    bar = bars.get(digest) or bars.setdefault(
+                        digest, Progress(f"{ref} {digest[7:19]}", int(event["total"])))  # type: ignore[arg-type]
+                    bar.set(int(event["completed"]))  # type: ignore[arg-type]
+                    if bar.done >= bar.total:
+                        bar.finish()
+                elif event["status"] == "success":
+                    print(f"pulled {ref}", file=sys.stderr)
+
+
+def cmd_import(settings: Settings, args: argparse.Namespace) -> None:
+    layout = _layout(settings)
+    source = Path(args.path).expanduser()
+    bar = Progress(f"import {source.name}", _size_of(source))
+    report = seeding.import_path(layout, source, bar.advance)
+    bar.finish()
+    _print_report(report)
+    if report.refused:
+        sys.exit(1)
+
+
+def _size_of(source: Path) -> int:
+    if source.is_file():
+        return source.stat().st_size
+    return sum(p.stat().st_size for p in (source / "blobs").glob("sha256-*") if p.is_file())
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> None:
+    layout = _layout(settings)
+    chosen = models.list_models(layout) if args.all else [_resolve(layout, text) for text in args.models]
+    if not chosen:
+        raise ValueError("name models to export, or --all")
+    total = sum(layer.size for layer in {layer for m in chosen for layer in m.blobs})
+    bar = Progress(f"export to {args.to}", total)
+    if args.to == "-":
+        report = seeding.export_tar(layout, chosen, sys.stdout.buffer, bar.advance)
+    elif args.to.endswith(".tar"):
+        with open(args.to, "wb") as out:
+            report = seeding.export_tar(layout, chosen, out, bar.advance)
+    else:
+        report = seeding.export_dir(layout, chosen, Path(args.to).expanduser(), bar.advance)
+    bar.finish()
+    _print_report(report, sys.stderr if args.to == "-" else None)
+
+
+def _print_report(report: seeding.Report, stream: TextIO | None = None) -> None:
+    """The outcome, as JSON on stdout (stderr when stdout carries the tar)."""
+    print(json.dumps(report.as_dict(), indent=1), file=stream or sys.stdout)
+
+
+def cmd_ls(settings: Settings, args: argparse.Namespace) -> None:
+    layout = _layout(settings)
+    meta = Metadata(layout.meta)
+    rows = []
+    for m in models.list_models(layout):
+        record = meta.manifest(m.host, m.name, m.tag)
+        rows.append({"name": f"{m.host}/{m.name}:{m.tag}", "id": m.digest.hex[:12], "size": m.size,
+                     "last_pulled": record.fetched_at if record else m.modified,
+                     "pinned": meta.is_pinned(m.host, m.name, m.tag)})
+    meta.close()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'NAME':60} {'ID':12} {'SIZE':>10} {'LAST PULLED':20} PINNED")
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(row["last_pulled"])))  # type: ignore[arg-type]
+        print(f"{row['name']:60} {row['id']:12} {human(int(row['size'])):>10} {when:20} "  # type: ignore[arg-type]
+              f"{'yes' if row['pinned'] else ''}")
+
+
+def cmd_rm(settings: Settings, args: argparse.Namespace) -> None:
+    layout = _layout(settings)
+    for text in args.models:
+        model = _resolve(layout, text)
+        removed = models.remove(layout, model, busy=())
+        print(f"removed {text} and {len(removed)} blobs no other model uses", file=sys.stderr)
+
+
+def cmd_pin(settings: Settings, args: argparse.Namespace, pinned: bool = True) -> None:
+    layout = _layout(settings)
+    meta = Metadata(layout.meta)
+    try:
+        for text in args.models:
+            model = _resolve(layout, text)
+            meta.set_pinned(model.host, model.name, model.tag, pinned)
+            print(f"{'pinned' if pinned else 'unpinned'} {text}", file=sys.stderr)
+    finally:
+        meta.close()
+
+
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> None:
+    layout = _layout(settings)
+    bar = Progress("verify", sum(p.stat().st_size for p in layout.blobs.glob("sha256-*")))
+    bad = seeding.verify_store(layout, bar.advance)
+    bar.finish("bad blobs found" if bad else "all blobs verified")
+    for digest, users in bad.items():
+        print(f"bad {digest}: moved to {layout.state / 'quarantine'}; breaks {', '.join(users) or 'no model'}",
+              file=sys.stderr)
+    if bad:
+        sys.exit(1)
+
+
+def cmd_freeze(settings: Settings, args: argparse.Namespace) -> None:
+    layout = _layout(settings)
+    chosen = [_resolve(layout, text) for text in args.models] if args.models else models.list_models(layout)
+    lock = {f"{m.host}/{m.name}:{m.tag}": str(m.digest) for m in chosen}
+    print(json.dumps({"lockfileVersion": 1, "models": lock}, indent=1))
+
+
+COMMANDS = {
+    "pull": cmd_pull, "import": cmd_import, "export": cmd_export, "ls": cmd_ls, "rm": cmd_rm,
+    "pin": cmd_pin, "unpin": lambda s, a: cmd_pin(s, a, pinned=False), "verify": cmd_verify, "freeze": cmd_freeze,
+}
 
 
 def _fewer_malloc_arenas() -> None:
