@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     pull = commands.add_parser("pull", parents=[common], help="warm the cache from upstream, without a client")
     pull.add_argument("models", nargs="+", help=models_help)
     imp = commands.add_parser("import", parents=[common], help="ingest an Ollama models directory or a bundle")
-    imp.add_argument("path", help="a models directory (~/.ollama/models, a USB copy) or an export .tar")
+    imp.add_argument("path", help="a models directory (~/.ollama/models, a USB copy), an export .tar, or - (stdin)")
     exp = commands.add_parser("export", parents=[common], help="write models as an Ollama models directory or tar")
     exp.add_argument("models", nargs="*", help=models_help)
     exp.add_argument("--to", required=True, help="a directory, a FILE.tar, or - for a tar on stdout")
@@ -128,9 +128,13 @@ async def _pull(settings: Settings, refs: list[ModelRef]) -> None:
 
 def cmd_import(settings: Settings, args: argparse.Namespace) -> None:
     layout = _layout(settings)
-    source = Path(args.path).expanduser()
-    bar = Progress(f"import {source.name}", _size_of(source))
-    report = seeding.import_path(layout, source, bar.advance)
+    if args.path == "-":  # a bundle on stdin: ollama-mirror export --to - | ssh host ollama-mirror import -
+        bar = Progress("import from stdin", 0)
+        report = seeding.import_tar(layout, sys.stdin.buffer, bar.advance)
+    else:
+        source = Path(args.path).expanduser()
+        bar = Progress(f"import {source.name}", _size_of(source))
+        report = seeding.import_path(layout, source, bar.advance)
     bar.finish()
     _print_report(report)
     if report.refused:
@@ -138,7 +142,7 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _size_of(source: Path) -> int:
-    if source.is_file():
+    if not source.is_dir():
         return source.stat().st_size
     return sum(p.stat().st_size for p in (source / "blobs").glob("sha256-*") if p.is_file())
 

@@ -112,11 +112,11 @@ def _manifest_at(relative: Path, data: bytes) -> _Manifest:
 
 
 def import_path(layout: Layout, source: Path, on_bytes: OnBytes) -> Report:
-    """Import every model of an Ollama models directory or an export bundle (.tar)."""
-    if source.is_file():
-        with open(source, "rb") as f:
-            return import_tar(layout, f, on_bytes)
-    return import_dir(layout, source, on_bytes)
+    """Import every model of an Ollama models directory or an export bundle (a tar file or pipe)."""
+    if source.is_dir():
+        return import_dir(layout, source, on_bytes)
+    with open(source, "rb") as f:
+        return import_tar(layout, f, on_bytes)
 
 
 def import_dir(layout: Layout, source: Path, on_bytes: OnBytes) -> Report:

@@ -12,6 +12,7 @@ from mirror import Settings, create_app
 from mirror import logs as mirror_logs
 
 from .fakes import FakeCDN, FakeRegistry, ServerThread
+from .real_ollama import OllamaServer, require_venv
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -66,3 +67,21 @@ def start_mirror(registry: FakeRegistry, tmp_path: Path) -> Iterator[MirrorFacto
 @pytest.fixture
 def mirror(start_mirror: MirrorFactory) -> ServerThread:
     return start_mirror()
+
+
+@pytest.fixture
+def ollama(tmp_path: Path) -> Iterator[Callable[..., OllamaServer]]:
+    """Real Ollama 0.9.3 instances, one per simulated machine: ``ollama(label, start=True, models=None)``."""
+    venv = require_venv()
+    servers: list[OllamaServer] = []
+
+    def make(label: str, start: bool = True, models: Path | None = None) -> OllamaServer:
+        server = OllamaServer(venv, tmp_path / f"ollama-{label}")
+        if models is not None:
+            server.env["OLLAMA_MODELS"] = str(models)
+        servers.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in servers:
+        server.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -12,7 +11,6 @@ import pytest
 
 from .conftest import MirrorFactory
 from .fakes import Blob, FakeRegistry, ServerThread, blob_from_bytes, write_blob
-from .real_ollama import OllamaServer, require_venv
 
 TEMPLATE = "{{ if .System }}<|system|>{{ .System }}{{ end }}<|user|>{{ .Prompt }}<|assistant|>"
 PARAMS = {"stop": ["<|user|>", "<|end|>"], "temperature": 0.7, "num_ctx": 4096}
@@ -102,21 +100,6 @@ def test_inference_endpoints_answer_501(mirror: ServerThread, path: str) -> None
 def test_version_and_heartbeat(mirror: ServerThread) -> None:
     assert httpx.get(f"{mirror.url()}/api/version").json()["version"]
     assert httpx.head(f"{mirror.url()}/").status_code == 200
-
-
-@pytest.fixture
-def ollama(tmp_path: Path) -> Iterator:
-    venv = require_venv()
-    servers: list[OllamaServer] = []
-
-    def make(label: str, start: bool = True) -> OllamaServer:
-        server = OllamaServer(venv, tmp_path / f"ollama-{label}")
-        servers.append(server)
-        return server.start() if start else server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 @pytest.mark.real_client

@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .conftest import MirrorFactory
 from .fakes import FakeRegistry, write_blob
-from .real_ollama import OllamaServer, require_venv
 
 pytestmark = pytest.mark.real_client
-
-
-@pytest.fixture
-def ollama_factory(tmp_path: Path) -> Iterator:
-    venv = require_venv()
-    servers: list[OllamaServer] = []
-
-    def start(label: str) -> OllamaServer:
-        server = OllamaServer(venv, tmp_path / f"ollama-{label}").start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def _model_id(manifest: bytes) -> str:
@@ -36,14 +19,14 @@ def _model_id(manifest: bytes) -> str:
 
 
 def test_real_client_cold_then_warm_pull_with_upstream_stopped(
-    registry: FakeRegistry, start_mirror: MirrorFactory, ollama_factory, tmp_path: Path
+    registry: FakeRegistry, start_mirror: MirrorFactory, ollama, tmp_path: Path
 ) -> None:
     layer = write_blob(registry.directory, 30_000_000, seed=11)
     manifest = registry.add_model("library/tiny", "1b", [layer])
     mirror = start_mirror()
     name = f"127.0.0.1:{mirror.port}/library/tiny:1b"
 
-    first = ollama_factory("a")
+    first = ollama("a")
     result = first.pull(name)
     assert result.returncode == 0, result.stderr[-2000:]
     assert first.list_models()[name] == _model_id(manifest)
@@ -52,7 +35,7 @@ def test_real_client_cold_then_warm_pull_with_upstream_stopped(
     upstream_bytes = registry.cdn.bytes_sent
 
     registry.server.stop()  # upstream gone: the second machine is served from the mirror's disk
-    second = ollama_factory("b")
+    second = ollama("b")
     result = second.pull(name)
     assert result.returncode == 0, result.stderr[-2000:]
     assert second.list_models()[name] == _model_id(manifest)
@@ -60,7 +43,7 @@ def test_real_client_cold_then_warm_pull_with_upstream_stopped(
 
 
 def test_real_client_multi_part_blob_on_a_cold_cache(
-    registry: FakeRegistry, start_mirror: MirrorFactory, ollama_factory, tmp_path: Path
+    registry: FakeRegistry, start_mirror: MirrorFactory, ollama, tmp_path: Path
 ) -> None:
     """Over 200 MB: the client sends several parallel Range parts while the mirror is still filling."""
     layer = write_blob(registry.directory, 260_000_000, seed=12)
@@ -68,7 +51,7 @@ def test_real_client_multi_part_blob_on_a_cold_cache(
     registry.cdn.rate = 20_000_000  # per connection: the fill lasts long enough for the parts to overlap it
     mirror = start_mirror()
     name = f"127.0.0.1:{mirror.port}/library/big:q4"
-    client = ollama_factory("big")
+    client = ollama("big")
     began = time.monotonic()
     result = client.pull(name)
     assert result.returncode == 0, result.stderr[-2000:]

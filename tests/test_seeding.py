@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,6 @@ import pytest
 
 from .conftest import MirrorFactory
 from .fakes import Blob, FakeRegistry, assert_store_verified, blob_from_bytes, wait_for_file, write_blob
-from .real_ollama import OllamaServer, require_venv
 
 
 def cli(*args: str, cache: Path, upstream: str = "http://127.0.0.1:9", timeout: float = 300
@@ -131,6 +129,11 @@ def test_export_tar_stream_and_import_it(registry: FakeRegistry, model: tuple[by
                        stdout=out, check=True, timeout=120)
     assert cli("import", str(bundle), cache=other).returncode == 0
     assert blob_path(other, weights).read_bytes() == weights.path.read_bytes()
+    piped = tmp_path / "piped"
+    with open(bundle, "rb") as stdin:  # a bundle arriving on a pipe
+        subprocess.run([sys.executable, "-m", "mirror", "import", "-", "--cache-dir", str(piped)], stdin=stdin,
+                       check=True, timeout=120, capture_output=True)
+    assert blob_path(piped, weights).read_bytes() == weights.path.read_bytes()
     assert (other / "manifests" / _host(registry) / "library" / "tiny" / "1b").read_bytes() == manifest
 
 
@@ -181,23 +184,6 @@ def test_pull_command_and_server_fill_one_blob_together(registry: FakeRegistry, 
     assert wait_for_file(blob_path(tmp_path / "cache", big)).read_bytes() == big.path.read_bytes()
     assert registry.cdn.bytes_by_digest[big.digest] <= 1.1 * big.size
     assert_store_verified(tmp_path / "cache")
-
-
-@pytest.fixture
-def ollama(tmp_path: Path) -> Iterator:
-    venv = require_venv()
-    servers: list[OllamaServer] = []
-
-    def make(label: str, models: Path | None = None) -> OllamaServer:
-        server = OllamaServer(venv, tmp_path / f"ollama-{label}")
-        if models is not None:
-            server.env["OLLAMA_MODELS"] = str(models)
-        servers.append(server)
-        return server.start()
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 @pytest.mark.real_client
