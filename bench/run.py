@@ -151,7 +151,11 @@ class Bench:
             starter.start()
             time.sleep(1.0)
             start = int(self.p.cold_size * 0.9)
-            return curl(url, "-r", f"{start}-{start + 10 * MB - 1}")["ttfb"]
+            began = time.monotonic()  # to the first body byte: what Ollama's stall timer counts
+            with httpx.stream("GET", url, headers={"Range": f"bytes={start}-{start + 10 * MB - 1}"},
+                              timeout=120) as r:
+                next(r.iter_raw(1))
+                return time.monotonic() - began
         finally:
             mirror.stop(15)
 

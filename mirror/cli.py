@@ -9,6 +9,7 @@ import ctypes.util
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -245,6 +246,10 @@ def _fewer_malloc_arenas() -> None:
         pass  # not glibc: nothing to tune
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0 if signum == signal.SIGTERM else 128 + signum)
+
+
 def serve(settings: Settings) -> None:
     """Bind first, so the log names the real port (``--listen 127.0.0.1:0`` in tests)."""
     family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
@@ -267,4 +272,8 @@ def serve(settings: Settings) -> None:
     )
     server = uvicorn.Server(config)
     log.info("listening url=http://%s:%d", f"[{host}]" if family == socket.AF_INET6 else host, port)
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again with the handlers
+    # it found: these make that a clean exit (code 0 for TERM), so queued log lines are written.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
     server.run(sockets=[sock])  # uvloop when installed (uvicorn[standard]): a faster event loop

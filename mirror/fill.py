@@ -50,9 +50,6 @@ SAVE_INTERVAL = 1.0  # seconds between saves of the chunk map (only when it chan
 DEMAND_PATIENCE = 2.0  # a reader blocked this long may cut another stream short (Ollama gives up at 30 s)
 WAKE_TIMEOUT = 1.0  # upper bound on any wait, so a lost wake-up never hangs anything
 MAX_BACKOFF = 30.0
-# One request covers at most this much: it ends cleanly and its connection is reused, where
-# cutting a longer response short would waste what the CDN already had in flight.
-REQUEST_SPAN = 128 << 20
 
 
 class FillState(Enum):
@@ -109,7 +106,6 @@ class Fill:
         self._demands: list[Demand] = []
         self._progress = asyncio.Event()
         self._work = asyncio.Event()
-        self._workers = 0
         self._idle_workers = 0
         self._dirty = False
         self._finished = asyncio.Event()
@@ -244,8 +240,7 @@ class Fill:
         async with asyncio.TaskGroup() as group:
             saver = group.create_task(self._save_loop())
             hasher = group.create_task(self._hash())
-            self._workers = self._workers_wanted()
-            for i in range(self._workers):
+            for i in range(self._workers_wanted()):
                 group.create_task(self._worker(i))
             actual = await hasher
             saver.cancel()
@@ -315,17 +310,15 @@ class Fill:
             await self._backoff(max(failures, 1), error)
 
     async def _stream(self, wid: int, chunk: Chunk) -> tuple[int, UpstreamError | None]:
-        """Fetch from ``chunk``'s edge on, continuing into the chunks reserved for this request.
+        """Fetch ``chunk`` from its edge to its end, in one request.
 
         Returns the bytes written and the upstream error that ended it, if any. Bytes
         that arrived before a fault are written too: a retry resumes after them.
         """
         assert self._location is not None and self.map is not None
-        share = max(chunk.stop - chunk.start, self.map.idle_bytes // max(self._workers, 1))
-        reach = self.map.reserve(chunk, wid, chunk.start + min(share, REQUEST_SPAN))
-        stream = _Stream(self, wid, chunk, reach)
+        stream = _Stream(self, chunk)
         try:
-            async with self._upstream.open_range(self._location, stream.position, reach, self.size) as body:
+            async with self._upstream.open_range(self._location, stream.position, chunk.stop, self.size) as body:
                 async for piece in body:
                     stream.add(piece)
                     if stream.full and not await stream.flush():
@@ -344,16 +337,6 @@ class Fill:
         self.fetched += n
         self._dirty = True
         self._notify()
-
-    def _continuation(self, wid: int, chunk: Chunk, position: int, reach: int) -> Chunk | None:
-        """The next chunk, if this stream should carry on into it."""
-        assert self.map is not None
-        nxt = self.map.next_after(chunk)
-        if nxt is None or nxt.start != position or position >= reach:
-            return None
-        if nxt.reserved != wid or nxt.owner is not None or nxt.filled or self._should_yield():
-            return None
-        return nxt
 
     def _should_yield(self) -> bool:
         """A reader has waited too long for a chunk nobody is fetching, and no worker is free."""
@@ -456,10 +439,10 @@ class Fill:
 
 
 class _Stream:
-    """One range response being written into the staging file, chunk after chunk."""
+    """One range response being written into the staging file."""
 
-    def __init__(self, fill: Fill, wid: int, chunk: Chunk, reach: int) -> None:
-        self.fill, self.wid, self.chunk, self.reach = fill, wid, chunk, reach
+    def __init__(self, fill: Fill, chunk: Chunk) -> None:
+        self.fill, self.chunk = fill, chunk
         self.position = chunk.edge
         self.written = 0
         self._pending: list[bytes] = []
@@ -471,31 +454,26 @@ class _Stream:
 
     @property
     def full(self) -> bool:
-        """Enough for one write, or the end of the current chunk."""
+        """Enough for one write, or the end of the chunk."""
         return self._pending_len >= WRITE_SIZE or self.position + self._pending_len >= self.chunk.stop
 
     async def flush(self) -> bool:
         """Write what arrived; False when the stream should end here."""
         fill = self.fill
         assert fill._fd is not None
-        view = memoryview(b"".join(self._pending))
+        if not self._pending:
+            return True
+        data = b"".join(self._pending)
         self._pending.clear()
         self._pending_len = 0
-        while view:
-            n = min(len(view), self.chunk.stop - self.position)
-            await asyncio.to_thread(write_at, fill._fd, view[:n], self.position)
-            view, self.position, self.written = view[n:], self.position + n, self.written + n
+        # A steal may have shortened the chunk meanwhile: what lies past its end is another's.
+        n = min(len(data), self.chunk.stop - self.position)
+        if n > 0:
+            await asyncio.to_thread(write_at, fill._fd, memoryview(data)[:n], self.position)
+            self.position += n
+            self.written += n
             fill._landed(self.chunk, n)
-            if self.chunk.done:
-                self.chunk.owner = None
-                nxt = fill._continuation(self.wid, self.chunk, self.position, self.reach)
-                if nxt is None:
-                    return False
-                nxt.owner, nxt.reserved = self.wid, None
-                self.chunk = nxt
-            elif fill._should_yield():
-                return False
-        return True
+        return not self.chunk.done and not fill._should_yield()
 
 
 class FillEngine:

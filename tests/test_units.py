@@ -86,23 +86,21 @@ def test_registry_host_as_ollama_writes_it() -> None:
     assert registry_host("https://example.com:443") == "example.com"
 
 
-def test_chunks_fresh_fill_tiles_the_blob() -> None:
+def test_chunks_fresh_fill_is_a_sliding_window_from_the_start() -> None:
     m = ChunkMap.empty(64 << 20, 4 << 20)  # 16 chunks
     claimed = [m.claim(i, [], [], []) for i in range(8)]
-    starts = sorted(c.start for c in claimed)
-    assert len(set(starts)) == 8 and starts[0] == 0
-    # each request reaches just to the next claimed chunk: the requests tile the blob
-    reaches = sorted(m.reserve(c, i, 1 << 40) for i, c in enumerate(claimed))
-    assert reaches == starts[1:] + [64 << 20]
-    assert m.claim("late", [], [], []) is None  # all reserved; halves too small to steal
+    assert [c.start for c in claimed] == [i * (4 << 20) for i in range(8)]
+    claimed[0].advance(4 << 20)
+    m.release(0)
+    assert m.claim(0, [], [], []).start == 8 * (4 << 20)  # the window moves on
 
 
 def test_chunks_demand_first_and_split_mid_chunk() -> None:
     m = ChunkMap.empty(64 << 20, 16 << 20)
     first = m.claim("a", [], [], [])
     assert first.start == 0
-    assert m.reserve(first, "a", 1 << 40) == 64 << 20  # one stream heading through the whole blob
     wanted = 40 << 20  # inside chunk 2, not at its start
+    assert m.claim("b", [], [], [wanted - 1]).start == 48 << 20  # read-ahead: the chunk after a reader
     c = m.claim("b", [wanted], [wanted], [])  # a reader waiting too long cuts in
     assert c.start == wanted and m.available(wanted, 1) == 0
     assert m.chunk_at(wanted - 1).stop == wanted
