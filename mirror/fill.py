@@ -206,7 +206,12 @@ class Fill:
             self._close()
 
     async def _acquire(self) -> bool:
-        """Own the fill across processes; False when the blob got published while we waited."""
+        """Own the fill across processes; False when the blob got published while we waited.
+
+        While another process fills the blob, our readers follow its progress: the chunk
+        map it saves every second and the staging file it writes, so clients are served
+        as the bytes land there too (Ollama gives up on a part after 30 s without bytes).
+        """
         announced = False
         while True:
             self._lock_fd = await asyncio.to_thread(self._store.try_lock, self.digest)
@@ -215,11 +220,28 @@ class Fill:
             if await asyncio.to_thread(self._store.blob_size, self.digest) is not None:
                 return False
             if not announced:
-                log.info("fill wait digest=%s reason=another process is filling it", self.digest.short)
+                log.info("fill wait digest=%s reason=another process is filling it; following its progress",
+                         self.digest.short)
                 announced = True
+            await asyncio.to_thread(self._follow)
+            self._notify()
             await asyncio.sleep(0.5)
 
+    def _follow(self) -> None:
+        """Take the other process's saved chunk map, and a read-only view of its staging file."""
+        if self._fd is None:
+            try:
+                self._fd = os.open(self._store.layout.staging_data(self.digest), os.O_RDONLY)
+            except FileNotFoundError:
+                return
+        saved = self._meta.fill_progress(self.digest)
+        if saved and saved.get("size") == self.size:
+            self.map = ChunkMap.from_state(self.size, saved.get("chunks", [])) or self.map
+
     def _open_staging(self) -> None:
+        if self._fd is not None:  # the read-only view used while following another process
+            os.close(self._fd)
+            self._fd = None
         fd, existed = self._store.open_staging(self.digest, self.size)
         self._fd = fd
         saved = self._meta.fill_progress(self.digest) if existed else None

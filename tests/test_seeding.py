@@ -204,3 +204,25 @@ def test_real_client_models_dir_round_trip(registry: FakeRegistry, model: tuple[
     shutil.rmtree(source.models)
     offline = ollama("offline", models=usb)
     assert offline.list_models()[name] == hashlib.sha256(manifest).hexdigest()[:12]
+
+
+def test_server_streams_a_blob_that_the_pull_command_is_filling(registry: FakeRegistry,
+                                                                start_mirror: MirrorFactory, tmp_path: Path) -> None:
+    """The pull command owns the fill; the server's clients follow its progress instead of stalling."""
+    big = write_blob(registry.directory, 40_000_000, seed=55)
+    registry.add_model("library/big", "latest", [big])
+    registry.cdn.rate = 1_000_000  # per connection: the pull takes about 5 s
+    cache = tmp_path / "cache"
+    puller = subprocess.Popen([sys.executable, "-m", "mirror", "pull", "big", "--cache-dir", str(cache),
+                               "--upstream", registry.url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_file(cache / ".mirror" / "staging" / f"{big.digest.replace(':', '-')}.data")
+        mirror = start_mirror()
+        r = httpx.get(f"{mirror.url()}/v2/library/big/blobs/{big.digest}", headers={"Range": "bytes=0-999999"},
+                      timeout=60)
+        assert r.status_code == 206 and r.content == big.path.read_bytes()[:1_000_000]
+        assert not blob_path(cache, big).exists()  # served while the other process was still filling
+    finally:
+        assert puller.wait(120) == 0, puller.stderr.read() if puller.stderr else ""
+    assert blob_path(cache, big).read_bytes() == big.path.read_bytes()
+    assert registry.cdn.bytes_by_digest[big.digest] <= 1.05 * big.size
