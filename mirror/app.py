@@ -68,7 +68,7 @@ async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
     store = BlobStore(layout)
     meta = Metadata(layout.meta)
     upstream = Upstream(settings.upstream, connect_timeout=settings.connect_timeout,
-                        stall_timeout=settings.stall_timeout)
+                        stall_timeout=settings.stall_timeout, allow_networks=settings.allowed_networks)
     removed = await asyncio.to_thread(store.sweep, meta.fills_in_progress())
     if removed:
         log.info("staging swept files=%d reason=no saved progress", len(removed))

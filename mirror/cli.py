@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--connections", type=int, help="parallel Range requests per blob (default 8)")
     serve.add_argument("--manifest-ttl", type=float, help="seconds a cached tag is served before revalidating (600)")
     serve.add_argument("--lock", help="a lock file from `freeze`: its tags answer exactly its manifests")
+    serve.add_argument("--allow-networks", help="CIDRs a public upstream may redirect to although private")
 
     models_help = "models as a user types them: qwen2.5:7b, team/model:v1, host:port/ns/model:tag"
     pull = commands.add_parser("pull", parents=[common], help="warm the cache from upstream, without a client")
@@ -70,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "manifest_ttl", "log_level", "lock"}
+SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "manifest_ttl", "log_level", "lock",
+                 "allow_networks"}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

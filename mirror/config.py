@@ -6,6 +6,7 @@ Every setting has a named default and an environment variable
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,6 +38,7 @@ class Settings:
     max_retries: int = 10  # tries per chunk without progress before the fill fails
     log_level: str = "info"
     lock: Path | None = None  # a lock file (ollama-mirror freeze): those tags answer exactly those manifests
+    allow_networks: str = ""  # CIDRs a public upstream may redirect to although private (comma-separated)
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.upstream).scheme
@@ -45,9 +47,18 @@ class Settings:
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise SettingsError(f"listen: {self.listen!r} is not HOST:PORT")
+        for cidr in filter(None, (c.strip() for c in self.allow_networks.split(","))):
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError:
+                raise SettingsError(f"allow_networks: {cidr!r} is not a network (CIDR)") from None
         for key in ("connections", "chunk_size", "max_retries"):
             if getattr(self, key) < 1:
                 raise SettingsError(f"{key}: must be at least 1, not {getattr(self, key)}")
+
+    @property
+    def allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(c.strip()) for c in self.allow_networks.split(",") if c.strip()]
 
     @property
     def listen_host(self) -> str:

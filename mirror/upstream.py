@@ -7,12 +7,15 @@ caller should do next (retry, resolve again, give up, pass through).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.utils
+import ipaddress
 import logging
 import re
+import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
@@ -66,9 +69,14 @@ class Upstream:
         stall_timeout: float = 20.0,
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
+        allow_networks: Sequence[IPNetwork] = (),
+        resolve: Resolver | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._origin = _origin(self.base_url)
+        self._allow_networks = tuple(allow_networks)
+        self._resolve = resolve or _resolve
+        self._public: bool | None = None  # whether the upstream itself resolves to public addresses
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect_timeout, read=stall_timeout, write=connect_timeout, pool=None),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=16),
@@ -165,6 +173,7 @@ class Upstream:
             if response.status_code in (301, 302, 303, 307, 308):
                 target = _absolute(url, response.headers.get("Location", ""))
                 if _origin(target) != self._origin:
+                    await self._check_redirect(target)
                     return BlobLocation(target, version=version + 1)
                 url = target
             elif response.status_code == 200:
@@ -173,6 +182,20 @@ class Upstream:
             else:
                 raise _status_error(response, url, b"")
         raise UpstreamInvalid(f"more than {MAX_REDIRECTS} redirects resolving {url}")
+
+    async def _check_redirect(self, target: str) -> None:
+        """A public registry that redirects to a private, loopback or link-local address is
+        refused (SSRF), unless the admin allowed that network."""
+        if self._public is None:
+            self._public = all(ip.is_global for ip in await self._resolve(self._origin[1]))
+        if not self._public:
+            return  # a registry on the LAN (or the tests' on loopback) may redirect anywhere near
+        host = urlsplit(target).hostname or ""
+        for ip in await self._resolve(host):
+            if not ip.is_global and not any(ip in net for net in self._allow_networks):
+                raise UpstreamInvalid(
+                    f"refused redirect from {self._origin[1]} to {host} ({ip}): a public registry does not "
+                    "send clients to private addresses; allow the network with --allow-networks if intended")
 
     def _credentials(self, name: Name, url: str) -> dict[str, str]:
         token = self._tokens.get(str(name))
@@ -299,6 +322,25 @@ def _absolute(base: str, location: str) -> str:
     if urlsplit(target).scheme not in ("http", "https"):
         raise UpstreamInvalid(f"redirect to a non-http URL from {_redact(base)}")
     return target
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str], Awaitable[list[IPAddress]]]
+
+
+async def _resolve(host: str) -> list[IPAddress]:
+    """The addresses a host name resolves to (none when it does not resolve: the request fails later)."""
+    try:
+        ip = ipaddress.ip_address(host)
+        return [ip]
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return [ipaddress.ip_address(info[4][0]) for info in infos]
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
