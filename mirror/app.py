@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from starlette.responses import Response
 
 from .blobs import BlobService
 from .config import Settings
-from .errors import MirrorError
+from .errors import MirrorError, NameInvalid
 from .fill import FillEngine
-from .layout import Layout, registry_host
+from .layout import Layout
+from .models import DEFAULT_REGISTRY
 from .logs import AccessLog
 from .manifests import ManifestService
 from .metadata import Metadata
@@ -47,6 +49,18 @@ async def _bug(request: Request, exc: Exception) -> Response:
 
 
 @dataclass
+class Registry:
+    """One mirrored registry host: where it is filled from, and its services. The store is shared
+    (blobs are content-addressed); its tags live under ``manifests/<host>/``."""
+
+    host: str
+    upstream: Upstream
+    manifests: ManifestService
+    blobs: BlobService
+    pulls: PullService
+
+
+@dataclass
 class Mirror:
     """The mirror's parts, wired: what the server and the CLI commands share."""
 
@@ -54,34 +68,58 @@ class Mirror:
     layout: Layout
     store: BlobStore
     meta: Metadata
-    upstream: Upstream
     engine: FillEngine
-    manifests: ManifestService
-    blobs: BlobService
-    pulls: PullService
+    registries: dict[str, Registry]
+
+    @property
+    def default(self) -> Registry:
+        """The registry named-mode requests and host-less model names mean."""
+        return self.registries[self.settings.default_host]
+
+    def registry(self, host: str | None) -> Registry:
+        """The registry for a model name's host (``None``: the default); another host is refused."""
+        if host is None or (host == DEFAULT_REGISTRY and host not in self.registries):
+            return self.default
+        found = self.registries.get(host.lower())
+        if found is None:
+            raise NameInvalid(f"this mirror does not mirror {host}; it mirrors {', '.join(sorted(self.registries))}")
+        return found
+
+    def registry_for_request(self, host_header: str) -> Registry:
+        """A request for a mirrored host (through the proxy or a DNS override) goes to that registry;
+        any other Host (the mirror's own name) means the default."""
+        host = host_header.lower()
+        return self.registries.get(host) or self.registries.get(re.sub(r":\d+$", "", host)) or self.default
 
 
 @contextlib.asynccontextmanager
 async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
     """Build the parts; on exit, fills save their progress and everything is closed."""
-    layout = Layout(settings.cache_dir, registry_host(settings.upstream))
+    layout = Layout(settings.cache_dir, settings.default_host)
     store = BlobStore(layout)
     meta = Metadata(layout.meta)
-    upstream = Upstream(settings.upstream, connect_timeout=settings.connect_timeout,
-                        stall_timeout=settings.stall_timeout, allow_networks=settings.allowed_networks)
     removed = await asyncio.to_thread(store.sweep, meta.fills_in_progress())
     if removed:
         log.info("staging swept files=%d reason=no saved progress", len(removed))
-    engine = FillEngine(store, meta, upstream, settings)
-    manifests = ManifestService(store, meta, upstream, settings)
-    blobs = BlobService(store, meta, upstream, engine, settings)
-    pulls = PullService(manifests, blobs, layout.host)
+    engine = FillEngine(store, meta, settings)
+    registries = {host: _registry(host, url, store, meta, engine, settings)
+                  for host, url in settings.registry_urls.items()}
     try:
-        yield Mirror(settings, layout, store, meta, upstream, engine, manifests, blobs, pulls)
+        yield Mirror(settings, layout, store, meta, engine, registries)
     finally:
         await engine.close()
-        await upstream.aclose()
+        for registry in registries.values():
+            await registry.upstream.aclose()
         meta.close()
+
+
+def _registry(host: str, url: str, store: BlobStore, meta: Metadata, engine: FillEngine,
+              settings: Settings) -> Registry:
+    upstream = Upstream(url, connect_timeout=settings.connect_timeout, stall_timeout=settings.stall_timeout,
+                        allow_networks=settings.allowed_networks, pinned=settings.pinned_addresses)
+    manifests = ManifestService(store, meta, upstream, settings, host)
+    blobs = BlobService(store, meta, upstream, engine, settings)
+    return Registry(host, upstream, manifests, blobs, PullService(manifests, blobs))
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -89,9 +127,9 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with open_mirror(settings) as mirror:
             state = app.state
-            state.layout, state.engine, state.manifests = mirror.layout, mirror.engine, mirror.manifests
-            state.blobs, state.pulls = mirror.blobs, mirror.pulls
-            log.info("mirror ready cache=%s upstream=%s%s", settings.cache_dir, settings.upstream,
+            state.mirror, state.layout, state.engine = mirror, mirror.layout, mirror.engine
+            upstreams = " ".join(f"{host}={url}" for host, url in settings.registry_urls.items())
+            log.info("mirror ready cache=%s registries=%s%s", settings.cache_dir, upstreams,
                      " offline" if settings.offline else "")
             yield
 

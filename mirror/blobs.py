@@ -120,7 +120,7 @@ class BlobService:
             await self._touch(digest)
             return BlobBody(digest, os.fstat(fd).st_size, fd, None)
         size = await self.size(name, digest)
-        fill = self._engine.start(name, digest, size)  # no await since size(): still single flight
+        fill = self._engine.start(name, digest, size, self._upstream)  # no await since size(): still single flight
         return BlobBody(digest, fill.size, None, fill)
 
     async def ensure(self, name: Name, digest: Digest, size: int) -> Fill | None:
@@ -129,7 +129,7 @@ class BlobService:
             return None
         if self._offline:
             raise BlobUnknown(f"blob {digest} is not cached and the mirror is offline")
-        return self._engine.start(name, digest, size)
+        return self._engine.start(name, digest, size, self._upstream)
 
     async def _touch(self, digest: Digest) -> None:
         """Record the access for eviction, at most once a minute per blob."""

@@ -23,7 +23,7 @@ from . import __version__, logs, models, seeding
 from .app import create_app, open_mirror
 from .config import DEFAULT_CACHE_DIR, DEFAULT_LISTEN, DEFAULT_UPSTREAM, Settings, SettingsError, load_settings
 from .errors import MirrorError
-from .layout import Layout, registry_host
+from .layout import Layout
 from .metadata import Metadata
 from .models import CachedModel
 from .names import ModelRef
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _layout(settings: Settings) -> Layout:
-    layout = Layout(settings.cache_dir, registry_host(settings.upstream))
+    layout = Layout(settings.cache_dir, settings.default_host)
     layout.make_dirs()
     return layout
 
@@ -117,7 +117,7 @@ async def _pull(settings: Settings, refs: list[ModelRef]) -> None:
     async with open_mirror(settings) as mirror:
         for ref in refs:
             bars: dict[str, Progress] = {}
-            async for event in mirror.pulls.pull(ref, {"User-Agent": f"ollama-mirror/{__version__}"}):
+            async for event in mirror.registry(ref.host).pulls.pull(ref, {"User-Agent": f"ollama-mirror/{__version__}"}):
                 digest = event.get("digest")
                 if isinstance(digest, str):
                     bar = bars.get(digest) or bars.setdefault(

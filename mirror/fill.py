@@ -501,8 +501,8 @@ class _Stream:
 class FillEngine:
     """Owns every fill: one per digest, started on first demand, kept alive by itself."""
 
-    def __init__(self, store: BlobStore, meta: Metadata, upstream: Upstream, settings: Settings) -> None:
-        self._store, self._meta, self._upstream, self._settings = store, meta, upstream, settings
+    def __init__(self, store: BlobStore, meta: Metadata, settings: Settings) -> None:
+        self._store, self._meta, self._settings = store, meta, settings
         self._fills: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -513,7 +513,7 @@ class FillEngine:
     def active(self) -> list[Fill]:
         return list(self._fills.values())
 
-    def start(self, name: Name, digest: Digest, size: int) -> Fill:
+    def start(self, name: Name, digest: Digest, size: int, upstream: Upstream) -> Fill:
         """The running fill for ``digest``, or a new one. No await: the check and the insert are atomic.
 
         A fill that has just failed is replaced at once: the new one waits for the old one's
@@ -523,7 +523,7 @@ class FillEngine:
         if fill is not None and fill.state is not FillState.FAILED:
             return fill
         fill = Fill(
-            name, digest, size, store=self._store, meta=self._meta, upstream=self._upstream,
+            name, digest, size, store=self._store, meta=self._meta, upstream=upstream,
             settings=self._settings,
         )
         self._fills[digest] = fill

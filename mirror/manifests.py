@@ -69,9 +69,9 @@ def parse_manifest(data: bytes) -> tuple[str, dict[Digest, int]]:
 
 
 class ManifestService:
-    def __init__(self, store: BlobStore, meta: Metadata, upstream: Upstream, settings: Settings) -> None:
+    def __init__(self, store: BlobStore, meta: Metadata, upstream: Upstream, settings: Settings, host: str) -> None:
         self._store, self._meta, self._upstream = store, meta, upstream
-        self._host = store.layout.host
+        self._host = host  # the registry host its tags are stored under
         self._settings = settings
         self._memory: LRUCache[tuple[str, str, str], CachedManifest] = LRUCache(maxsize=4096)
         self._by_digest: LRUCache[Digest, CachedManifest] = LRUCache(maxsize=4096)
@@ -163,13 +163,13 @@ class ManifestService:
         return manifest
 
     def _save(self, name: Name, tag: str, manifest: CachedManifest, sizes: dict[Digest, int]) -> None:
-        self._store.write_manifest(name, tag, manifest.data, manifest.digest)
+        self._store.write_manifest(name, tag, manifest.data, manifest.digest, self._host)
         self._meta.set_blob_sizes(sizes)
         record = ManifestRecord(manifest.fetched_at, self._upstream.base_url, str(manifest.digest))
         self._meta.set_manifest(self._host, name, tag, record)
 
     def _load(self, name: Name, tag: str) -> CachedManifest | None:
-        data = self._store.read_manifest(name, tag)
+        data = self._store.read_manifest(name, tag, self._host)
         if data is None:
             return None
         record = self._meta.manifest(self._host, name, tag)

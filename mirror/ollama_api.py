@@ -71,9 +71,7 @@ def _pull_message(exc: MirrorError) -> str:
 @_api_errors
 async def pull(request: Request) -> Response:
     body, ref = await _request_model(request)
-    service = request.app.state.pulls
-    service.check_host(ref)
-    events = service.pull(ref, request.headers)
+    events = request.app.state.mirror.registry(ref.host).pulls.pull(ref, request.headers)
     if body.get("stream", True) is False:
         last: dict[str, object] = {}
         async for event in events:
@@ -142,9 +140,12 @@ async def _find(request: Request, ref: ModelRef) -> CachedModel:
 
 
 def _host(request: Request, ref: ModelRef) -> str:
-    """Names without a host, or with Ollama's default one, mean the mirror's upstream."""
-    upstream_host: str = request.app.state.layout.host
-    return upstream_host if ref.host in (None, "registry.ollama.ai") else ref.host
+    """Names without a host mean the default registry; a host we do not fill from may still be
+    in the cache (imported), so it is looked up as written."""
+    try:
+        return str(request.app.state.mirror.registry(ref.host).host)
+    except NameInvalid:
+        return str(ref.host)
 
 
 @_api_errors
@@ -153,7 +154,8 @@ async def delete(request: Request) -> Response:
     model = await _find(request, ref)
     busy = [fill.digest for fill in request.app.state.engine.active]
     await asyncio.to_thread(models.remove, request.app.state.layout, model, busy)
-    request.app.state.manifests.forget(model.name, model.tag)
+    for registry in request.app.state.mirror.registries.values():
+        registry.manifests.forget(model.name, model.tag)
     return Response(status_code=200)
 
 

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 
 from .blobs import BlobService
-from .errors import ManifestUnknown, NameInvalid
+from .errors import ManifestUnknown
 from .fill import Fill
 from .manifests import ManifestService
 from .models import Layer, parse_layers
@@ -21,17 +21,11 @@ PROGRESS_INTERVAL = 0.25  # seconds between progress lines per layer
 
 
 class PullService:
-    def __init__(self, manifests: ManifestService, blobs: BlobService, host: str) -> None:
-        self._manifests, self._blobs, self._host = manifests, blobs, host
-
-    def check_host(self, ref: ModelRef) -> None:
-        """The mirror fills from one upstream; a name that names another host is refused."""
-        if ref.host not in (None, self._host, "registry.ollama.ai"):
-            raise NameInvalid(f"this mirror fills from {self._host}, not {ref.host}")
+    def __init__(self, manifests: ManifestService, blobs: BlobService) -> None:
+        self._manifests, self._blobs = manifests, blobs
 
     async def pull(self, ref: ModelRef, headers: Mapping[str, str]) -> AsyncIterator[dict[str, object]]:
         """Progress events, in the shapes Ollama's CLI parses (api.ProgressResponse)."""
-        self.check_host(ref)
         yield {"status": "pulling manifest"}
         answer = await self._manifests.by_tag(ref.name, ref.tag, headers, revalidate=True)
         try:

@@ -7,6 +7,8 @@ registered on purpose, to answer UNSUPPORTED rather than a bare 404.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -19,6 +21,9 @@ from .names import Digest, Name, parse_tag
 from .ranges import parse_range
 from .responses import BlobResponse, HeadResponse, blob_headers, manifest_response
 
+if TYPE_CHECKING:
+    from .app import Registry
+
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
@@ -26,6 +31,11 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 def _read_only(request: Request) -> None:
     if request.method not in ("GET", "HEAD"):
         raise Unsupported(f"{request.method} is not supported: this is a read-only mirror")
+
+
+def _registry(request: Request) -> Registry:
+    """The registry this request is for, by its Host: the proxy and DNS modes keep the real name."""
+    return request.app.state.mirror.registry_for_request(request.headers.get("host", ""))  # type: ignore[no-any-return]
 
 
 async def v2_root(request: Request) -> Response:
@@ -37,7 +47,7 @@ async def manifest(request: Request) -> Response:
     _read_only(request)
     name = Name.parse(request.path_params["name"])
     reference = request.path_params["reference"]
-    service: ManifestService = request.app.state.manifests
+    service: ManifestService = _registry(request).manifests
     head = request.method == "HEAD"
     if Digest.is_digest(reference):
         found = await service.by_digest(Digest.parse(reference))
@@ -53,7 +63,7 @@ async def blob(request: Request) -> Response | BlobResponse:
     _read_only(request)
     name = Name.parse(request.path_params["name"])
     digest = Digest.parse(request.path_params["digest"])
-    service: BlobService = request.app.state.blobs
+    service: BlobService = _registry(request).blobs
     if request.method == "HEAD":
         return HeadResponse(blob_headers(str(digest), await service.size(name, digest)))
     body = await service.open(name, digest)

@@ -108,16 +108,16 @@ class BlobStore:
 
     # -- manifests --------------------------------------------------------------
 
-    def read_manifest(self, name: Name, tag: str) -> bytes | None:
-        return _read_or_none(self.layout.manifest(name, tag))
+    def read_manifest(self, name: Name, tag: str, host: str | None = None) -> bytes | None:
+        return _read_or_none(self.layout.manifest(name, tag, host))
 
     def read_manifest_by_digest(self, digest: Digest) -> bytes | None:
         data = _read_or_none(self.layout.manifest_by_digest(digest))
         return data if data is not None and hashlib.sha256(data).hexdigest() == digest.hex else None
 
-    def write_manifest(self, name: Name, tag: str, data: bytes, digest: Digest) -> None:
+    def write_manifest(self, name: Name, tag: str, data: bytes, digest: Digest, host: str | None = None) -> None:
         """Write the raw bytes under their digest and under the tag, each atomically, if not there yet."""
-        for path in (self.layout.manifest_by_digest(digest), self.layout.manifest(name, tag)):
+        for path in (self.layout.manifest_by_digest(digest), self.layout.manifest(name, tag, host)):
             if _read_or_none(path) != data:
                 self._write_atomic(path, data)
 

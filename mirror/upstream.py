@@ -16,6 +16,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
@@ -71,12 +72,17 @@ class Upstream:
         transport: httpx.AsyncBaseTransport | None = None,
         allow_networks: Sequence[IPNetwork] = (),
         resolve: Resolver | None = None,
+        pinned: Mapping[str, str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._origin = _origin(self.base_url)
         self._allow_networks = tuple(allow_networks)
-        self._resolve = resolve or _resolve
+        self._pinned = dict(pinned or {})
+        self._resolve = _pinned_resolver(self._pinned, resolve or _resolve)
         self._public: bool | None = None  # whether the upstream itself resolves to public addresses
+        self.cdn_hosts: set[str] = set()  # hosts the registry redirected blob GETs to
+        if transport is None and self._pinned:
+            transport = _pinned_transport(self._pinned, max_connections)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect_timeout, read=stall_timeout, write=connect_timeout, pool=None),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=16),
@@ -174,6 +180,7 @@ class Upstream:
                 target = _absolute(url, response.headers.get("Location", ""))
                 if _origin(target) != self._origin:
                     await self._check_redirect(target)
+                    self.cdn_hosts.add(_origin(target)[1])
                     return BlobLocation(target, version=version + 1)
                 url = target
             elif response.status_code == 200:
@@ -341,6 +348,44 @@ async def _resolve(host: str) -> list[IPAddress]:
     except OSError:
         return []
     return [ipaddress.ip_address(info[4][0]) for info in infos]
+
+
+def _pinned_resolver(pinned: Mapping[str, str], resolve: Resolver) -> Resolver:
+    async def resolve_pinned(host: str) -> list[IPAddress]:
+        if host.lower() in pinned:
+            return [ipaddress.ip_address(pinned[host.lower()])]
+        return await resolve(host)
+
+    return resolve_pinned
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Connects to the admin's address for a pinned host; TLS still checks the certificate
+    against the host's name. With a LAN DNS override pointing the registry at us, this is
+    how we reach the real one without looping to ourselves."""
+
+    def __init__(self, pinned: Mapping[str, str], inner: httpcore.AsyncNetworkBackend) -> None:
+        self._pinned, self._inner = pinned, inner
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None, socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        return await self._inner.connect_tcp(self._pinned.get(host.lower(), host), port, timeout,
+                                             local_address, socket_options)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        return await self._inner.connect_unix_socket(path, timeout, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def _pinned_transport(pinned: Mapping[str, str], max_connections: int) -> httpx.AsyncHTTPTransport:
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=max_connections,
+                                                             max_keepalive_connections=16))
+    pool = transport._pool  # httpx has no resolver option; its pool takes a network backend
+    pool._network_backend = _PinnedBackend(pinned, pool._network_backend)
+    return transport
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
