@@ -85,6 +85,15 @@ class Mirror:
             raise NameInvalid(f"this mirror does not mirror {host}; it mirrors {', '.join(sorted(self.registries))}")
         return found
 
+    def answers_for(self, host: str) -> bool:
+        """Whether TLS for ``host`` is ours to terminate: a mirrored registry, or a CDN one redirected to."""
+        return host in self.registries or self.cdn_registry(host) is not None
+
+    def cdn_registry(self, host: str) -> Registry | None:
+        """The registry that redirected blob GETs to this CDN host, if any did."""
+        host = re.sub(r":443$", "", host.lower())
+        return next((r for r in self.registries.values() if host in r.upstream.cdn_hosts), None)
+
     def registry_for_request(self, host_header: str) -> Registry:
         """A request for a mirrored host (through the proxy or a DNS override) goes to that registry;
         any other Host (the mirror's own name) means the default."""

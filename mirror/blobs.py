@@ -123,6 +123,18 @@ class BlobService:
         fill = self._engine.start(name, digest, size, self._upstream)  # no await since size(): still single flight
         return BlobBody(digest, fill.size, None, fill)
 
+    async def open_local(self, digest: Digest) -> BlobBody:
+        """A body for a blob the mirror holds or is filling; nothing new is started (a request that
+        names no model, such as one for a CDN URL, cannot say where to fill from)."""
+        fd = await asyncio.to_thread(self._store.open_blob, digest)
+        if fd is not None:
+            await self._touch(digest)
+            return BlobBody(digest, os.fstat(fd).st_size, fd, None)
+        fill = self._engine.get(digest)
+        if fill is None:
+            raise BlobUnknown(f"blob {digest} is not in the mirror; pull it by model name to fill it")
+        return BlobBody(digest, fill.size, None, fill)
+
     async def ensure(self, name: Name, digest: Digest, size: int) -> Fill | None:
         """Start filling the blob unless it is stored; the size comes from its manifest."""
         if await asyncio.to_thread(self._store.blob_size, digest) is not None:

@@ -21,6 +21,7 @@ import uvicorn
 
 from . import __version__, logs, models, seeding
 from .app import create_app, open_mirror
+from .ca import CertificateAuthority
 from .config import DEFAULT_CACHE_DIR, DEFAULT_LISTEN, DEFAULT_UPSTREAM, Settings, SettingsError, load_settings
 from .errors import MirrorError
 from .layout import Layout
@@ -28,6 +29,7 @@ from .metadata import Metadata
 from .models import CachedModel
 from .names import ModelRef
 from .progress import Progress, human
+from .server import MirrorServer, bind, url_of
 
 log = logging.getLogger("mirror")
 
@@ -39,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", help=f"the cache, an Ollama models directory (default {DEFAULT_CACHE_DIR})")
     common.add_argument("--upstream", help=f"registry URL to fill from (default {DEFAULT_UPSTREAM})")
     common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    common.add_argument("--registry", action="append", dest="registries", metavar="HOST=URL",
+                        help="mirror this registry host, filled from URL (repeatable; "
+                             "default registry.ollama.ai=https://registry.ollama.ai)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", parents=[common], help="serve the registry protocol from the cache")
@@ -48,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--manifest-ttl", type=float, help="seconds a cached tag is served before revalidating (600)")
     serve.add_argument("--lock", help="a lock file from `freeze`: its tags answer exactly its manifests")
     serve.add_argument("--allow-networks", help="CIDRs a public upstream may redirect to although private")
+    serve.add_argument("--proxy-listen", help="HOST:PORT for clients with HTTPS_PROXY (transparent mode)")
+    serve.add_argument("--tls-listen", help="HOST:PORT answering TLS as the mirrored hosts (LAN DNS override)")
+    serve.add_argument("--tls-cert", help="certificate (PEM) for --tls-listen instead of one from the mirror's CA")
+    serve.add_argument("--tls-key", help="its private key (PEM)")
+    serve.add_argument("--tunnel-allow", help="hosts the proxy tunnels untouched, comma-separated (ollama.com)")
+    serve.add_argument("--resolve", action="append", metavar="HOST=IP",
+                       help="reach an upstream host at this address (a LAN DNS override must not loop to us)")
 
     models_help = "models as a user types them: qwen2.5:7b, team/model:v1, host:port/ns/model:tag"
     pull = commands.add_parser("pull", parents=[common], help="warm the cache from upstream, without a client")
@@ -68,16 +80,22 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("verify", parents=[common], help="re-hash every blob; move bad ones aside")
     freeze = commands.add_parser("freeze", parents=[common], help="print tag -> manifest digest for `serve --lock`")
     freeze.add_argument("models", nargs="*", help="only these (default: all cached)")
+    ca = commands.add_parser("ca", parents=[common], help="the private CA for transparent (proxy/DNS) mode")
+    ca.add_argument("action", choices=["init", "export"],
+                    help="init: create it (once); export: print its certificate, and how to trust it")
+    ca.add_argument("--proxy-listen", help="the proxy address to show in the instructions")
     return parser
 
 
 SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "manifest_ttl", "log_level", "lock",
-                 "allow_networks"}
+                 "allow_networks", "registries", "proxy_listen", "tls_listen", "tls_cert", "tls_key",
+                 "tunnel_allow", "resolve"}
+LIST_FLAGS = {"registries", "resolve"}  # repeatable flags, joined into one comma-separated setting
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k in SETTING_FLAGS}
+    flags = {k: (",".join(v) if k in LIST_FLAGS and v else v) for k, v in vars(args).items() if k in SETTING_FLAGS}
     try:
         settings = load_settings(flags, os.environ)
     except SettingsError as exc:
@@ -232,9 +250,47 @@ def cmd_freeze(settings: Settings, args: argparse.Namespace) -> None:
     print(json.dumps({"lockfileVersion": 1, "models": lock}, indent=1))
 
 
+def cmd_ca(settings: Settings, args: argparse.Namespace) -> None:
+    ca = CertificateAuthority(_layout(settings).state / "ca")
+    if args.action == "init":
+        created = ca.init()
+        print(f"{'created' if created else 'already there, kept'}: {ca.cert_path} (key {ca.key_path}, mode 0600)",
+              file=sys.stderr)
+        return
+    if not ca.exists:
+        raise ValueError("there is no CA yet: run `ollama-mirror ca init` (or serve with --proxy-listen) first")
+    sys.stdout.buffer.write(ca.certificate_pem())
+    sys.stdout.flush()
+    print(_trust_instructions(settings), file=sys.stderr)
+
+
+def _trust_instructions(settings: Settings) -> str:
+    host, _, port = (settings.proxy_listen or "0.0.0.0:3128").rpartition(":")
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        host = socket.getfqdn()
+    proxy = f"http://{host}:{port}"
+    return f"""
+Save the certificate above as ollama-mirror-ca.crt on each machine running Ollama, trust it, restart Ollama:
+  Debian/Ubuntu:  sudo cp ollama-mirror-ca.crt /usr/local/share/ca-certificates/ && sudo update-ca-certificates
+  RHEL/Fedora:    sudo cp ollama-mirror-ca.crt /etc/pki/ca-trust/source/anchors/ && sudo update-ca-trust
+  macOS:          sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain ollama-mirror-ca.crt
+  Windows (admin PowerShell):
+                  Import-Certificate -FilePath ollama-mirror-ca.crt -CertStoreLocation Cert:\\LocalMachine\\Root
+Proxy mode: point the Ollama server (not the CLI) at the mirror. On Linux with systemd:
+  sudo systemctl edit ollama        # and add these lines:
+      [Service]
+      Environment="HTTPS_PROXY={proxy}"
+  sudo systemctl restart ollama
+  macOS/Windows: set HTTPS_PROXY={proxy} in the environment Ollama starts with.
+DNS mode: point registry.ollama.ai at the mirror in the LAN's DNS; the mirror needs --tls-listen 0.0.0.0:443
+and --resolve registry.ollama.ai=<its real address> so it does not loop to itself.
+Then `ollama pull qwen2.5:7b` is served by the mirror under its usual name."""
+
+
 COMMANDS = {
     "pull": cmd_pull, "import": cmd_import, "export": cmd_export, "ls": cmd_ls, "rm": cmd_rm,
     "pin": cmd_pin, "unpin": lambda s, a: cmd_pin(s, a, pinned=False), "verify": cmd_verify, "freeze": cmd_freeze,
+    "ca": cmd_ca,
 }
 
 
@@ -254,15 +310,9 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 def serve(settings: Settings) -> None:
     """Bind first, so the log names the real port (``--listen 127.0.0.1:0`` in tests)."""
-    family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((settings.listen_host, settings.listen_port))
-        sock.listen(2048)  # connections queue from now on, even before uvicorn accepts
-    except OSError as exc:
-        sys.exit(f"ollama-mirror: cannot listen on {settings.listen}: {exc.strerror}")
-    host, port = sock.getsockname()[:2]
+    sock = _bind_or_exit("listen", settings.listen)
+    proxy_sock = _bind_or_exit("proxy-listen", settings.proxy_listen) if settings.proxy_listen else None
+    tls_sock = _bind_or_exit("tls-listen", settings.tls_listen) if settings.tls_listen else None
     _fewer_malloc_arenas()
     config = uvicorn.Config(
         create_app(settings),
@@ -272,10 +322,18 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=10,
         h11_max_incomplete_event_size=64 * 1024,
     )
-    server = uvicorn.Server(config)
-    log.info("listening url=http://%s:%d", f"[{host}]" if family == socket.AF_INET6 else host, port)
+    mirror_server = MirrorServer(config, settings, proxy_sock, tls_sock)
+    log.info("listening url=%s", url_of(sock))
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again with the handlers
     # it found: these make that a clean exit (code 0 for TERM), so queued log lines are written.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
-    server.run(sockets=[sock])  # uvloop when installed (uvicorn[standard]): a faster event loop
+    mirror_server.run(sockets=[sock])  # uvloop when installed (uvicorn[standard]): a faster event loop
+
+
+def _bind_or_exit(key: str, address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    try:
+        return bind((host.strip("[]"), int(port)))
+    except OSError as exc:
+        sys.exit(f"ollama-mirror: cannot listen on {address} (--{key}): {exc.strerror}")

@@ -46,7 +46,7 @@ class Settings:
     tls_listen: str = ""  # HOST:PORT presenting the mirrored hosts' certificates (LAN DNS override)
     tls_cert: Path | None = None  # the admin's certificate for --tls-listen instead of one from our CA
     tls_key: Path | None = None
-    tunnel_allow: str = "ollama.com"  # hosts the proxy tunnels untouched (port 443 only)
+    tunnel_allow: str = "ollama.com"  # hosts ("host" means port 443, or "host:port") the proxy tunnels untouched
     resolve: str = ""  # "HOST=IP,...": upstream addresses, so a LAN DNS override never loops to us
 
     def __post_init__(self) -> None:

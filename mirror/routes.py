@@ -7,6 +7,7 @@ registered on purpose, to answer UNSUPPORTED rather than a bare 404.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -14,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import ollama_api
-from .blobs import BlobService
+from .blobs import BlobBody, BlobService
 from .errors import RouteUnknown, Unsupported
 from .manifests import ManifestService
 from .names import Digest, Name, parse_tag
@@ -24,6 +25,7 @@ from .responses import BlobResponse, HeadResponse, blob_headers, manifest_respon
 if TYPE_CHECKING:
     from .app import Registry
 
+_CDN_BLOB = re.compile(r"sha256[:/-](?:[0-9a-f]{2}/)?([0-9a-f]{64})\b")
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
@@ -66,7 +68,10 @@ async def blob(request: Request) -> Response | BlobResponse:
     service: BlobService = _registry(request).blobs
     if request.method == "HEAD":
         return HeadResponse(blob_headers(str(digest), await service.size(name, digest)))
-    body = await service.open(name, digest)
+    return _blob_response(request, await service.open(name, digest))
+
+
+def _blob_response(request: Request, body: BlobBody) -> BlobResponse:
     try:
         header = request.headers.get("range")
         spans = parse_range(header, body.size) if header is not None else None
@@ -76,11 +81,25 @@ async def blob(request: Request) -> Response | BlobResponse:
     return BlobResponse(body, spans, str(request.url.replace(query="")))
 
 
+async def _cdn_blob(request: Request, registry: Registry, digest: Digest) -> Response | BlobResponse:
+    """A CDN URL a registry handed out, reached through the proxy: served from the cache,
+    so not even a client holding such a URL bypasses it."""
+    body = await registry.blobs.open_local(digest)
+    if request.method == "HEAD":
+        body.close()
+        return HeadResponse(blob_headers(str(digest), body.size))
+    return _blob_response(request, body)
+
+
 async def push(request: Request) -> Response:
     raise Unsupported("pushing is not supported: this is a read-only mirror")
 
 
-async def unknown(request: Request) -> Response:
+async def unknown(request: Request) -> Response | BlobResponse:
+    registry = request.app.state.mirror.cdn_registry(request.headers.get("host", ""))
+    match = _CDN_BLOB.search(request.url.path) if registry is not None else None
+    if match is not None and request.method in ("GET", "HEAD"):
+        return await _cdn_blob(request, registry, Digest(match[1]))
     raise RouteUnknown(f"no such endpoint: {request.method} {request.url.path}")
 
 

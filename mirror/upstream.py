@@ -33,6 +33,7 @@ from .errors import (
     UpstreamUnavailable,
     UpstreamUrlExpired,
 )
+from .layout import registry_host
 from .names import Digest, Name
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class Upstream:
         self._pinned = dict(pinned or {})
         self._resolve = _pinned_resolver(self._pinned, resolve or _resolve)
         self._public: bool | None = None  # whether the upstream itself resolves to public addresses
-        self.cdn_hosts: set[str] = set()  # hosts the registry redirected blob GETs to
+        self.cdn_hosts: set[str] = set()  # hosts (host:port unless default) the registry redirected blobs to
         if transport is None and self._pinned:
             transport = _pinned_transport(self._pinned, max_connections)
         self.client = httpx.AsyncClient(
@@ -180,7 +181,7 @@ class Upstream:
                 target = _absolute(url, response.headers.get("Location", ""))
                 if _origin(target) != self._origin:
                     await self._check_redirect(target)
-                    self.cdn_hosts.add(_origin(target)[1])
+                    self.cdn_hosts.add(registry_host(target))
                     return BlobLocation(target, version=version + 1)
                 url = target
             elif response.status_code == 200:

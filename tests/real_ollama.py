@@ -90,8 +90,9 @@ class OllamaServer:
         return subprocess.run([str(self.binary), *args], env=env, capture_output=True, text=True,
                               timeout=timeout)
 
-    def pull(self, name: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return self.cli("pull", "--insecure", name, timeout=timeout)
+    def pull(self, name: str, timeout: float = 600, insecure: bool = True) -> subprocess.CompletedProcess[str]:
+        """``ollama pull``; ``insecure`` (plain http) for a mirror named by address, off for stock names."""
+        return self.cli("pull", *(["--insecure"] if insecure else []), name, timeout=timeout)
 
     def list_models(self, host: str | None = None) -> dict[str, str]:
         """``ollama list`` as {name: short id}."""

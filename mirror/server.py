@@ -1,0 +1,97 @@
+"""The running server: uvicorn on the plain listener, plus transparent mode's proxy and TLS listeners.
+
+All three hand connections to the same uvicorn HTTP protocol and app, so a request reaches
+the same routes whichever way it came; uvicorn's graceful shutdown covers them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import uvicorn
+
+from .ca import CertificateAuthority, ServerIdentities
+from .config import Settings
+from .intercept import HANDSHAKE_TIMEOUT, Policy, ProxyProtocol
+
+log = logging.getLogger("mirror")
+BACKLOG = 2048
+
+
+def bind(address: tuple[str, int]) -> socket.socket:
+    """A listening socket, bound now, so the log names the real port (port 0 in tests) and
+    connections queue before uvicorn accepts."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def url_of(sock: socket.socket, scheme: str = "http") -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{scheme}://{f'[{host}]' if sock.family == socket.AF_INET6 else host}:{port}"
+
+
+class MirrorServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, settings: Settings,
+                 proxy_sock: socket.socket | None = None, tls_sock: socket.socket | None = None) -> None:
+        super().__init__(config)
+        self._settings, self._proxy_sock, self._tls_sock = settings, proxy_sock, tls_sock
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.should_exit or not (self._proxy_sock or self._tls_sock):
+            return
+        mirror = self.config.app.state.mirror
+        identities = ServerIdentities(self._certificate_authority(mirror.layout.state / "ca"), mirror.answers_for,
+                                      self._settings.tls_cert, self._settings.tls_key)
+        loop = asyncio.get_running_loop()
+        if self._proxy_sock is not None:
+            policy = Policy(mirror.answers_for, self._settings.tunnel_hosts)
+            server = await loop.create_server(lambda: ProxyProtocol(policy, identities, self._http_protocol),
+                                              sock=self._proxy_sock, backlog=BACKLOG)
+            self.servers.append(server)
+            log.info("proxy ready url=%s answers_for=%s tunnels=%s", url_of(self._proxy_sock),
+                     ",".join(sorted(mirror.registries)), ",".join(sorted(self._settings.tunnel_hosts)) or "-")
+        if self._tls_sock is not None:
+            context = identities.sni_context(_tls_default_host(mirror.registries))
+            server = await loop.create_server(self._http_protocol, sock=self._tls_sock, ssl=context,
+                                              ssl_handshake_timeout=HANDSHAKE_TIMEOUT, backlog=BACKLOG)
+            self.servers.append(server)
+            log.info("tls ready url=%s answers_for=%s", url_of(self._tls_sock, "https"),
+                     ",".join(sorted(mirror.registries)))
+
+    def _http_protocol(self) -> asyncio.Protocol:
+        """The protocol uvicorn gives its own connections, for ours: same app, same limits, and
+        counted in its graceful shutdown."""
+        protocol: asyncio.Protocol = self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state)
+        return protocol
+
+    def _certificate_authority(self, directory: object) -> CertificateAuthority | None:
+        if self._settings.tls_cert is not None:
+            return None  # the admin's certificate: no CA of ours is used
+        ca = CertificateAuthority(directory)  # type: ignore[arg-type]
+        if ca.init():
+            log.warning("created a private CA at %s: clients must trust it; `ollama-mirror ca export` prints it "
+                        "and how to install it", ca.cert_path)
+        return ca
+
+
+def _tls_default_host(registries: dict[str, object]) -> str:
+    """The certificate for clients that send no SNI: Ollama's registry when mirrored."""
+    if "registry.ollama.ai" in registries:
+        return "registry.ollama.ai"
+    names = [host for host in registries if ":" not in host]
+    if not names:
+        raise SystemExit("ollama-mirror: --tls-listen needs a mirrored registry host without a port (--registry)")
+    return sorted(names)[0]
