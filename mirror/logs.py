@@ -72,9 +72,18 @@ class AccessLog:
             await self.app(scope, receive, counting_send)
         finally:
             state = scope.get("state", {})
+            client = scope.get("client") or ("-", 0)
             access.info(
-                "%s %s %d bytes=%d ms=%.0f cache=%s%s",
+                "%s %s %d bytes=%d ms=%.0f cache=%s client=%s%s%s",
                 scope["method"], scope["path"], sent["status"], sent["bytes"],
-                (time.perf_counter() - started) * 1000, state.get("cache", "-"),
+                (time.perf_counter() - started) * 1000, state.get("cache", "-"), client[0],
+                f" host={_host(scope)}" if scope.get("scheme") == "https" else "",  # transparent mode
                 f" outcome={state['outcome']!r}" if "outcome" in state else "",
             )
+
+
+def _host(scope: Scope) -> str:
+    for key, value in scope["headers"]:
+        if key == b"host":
+            return value.decode("latin-1")
+    return "-"

@@ -237,3 +237,25 @@ def test_real_client_pulls_plain_names_through_https_proxy(
     assert result.returncode == 0, result.stderr[-2000:]
     assert second.list_models()["tiny:latest"] == hashlib.sha256(manifest).hexdigest()[:12]
     assert os.path.getsize(second.models / "blobs" / layer.digest.replace(":", "-")) == layer.size
+
+
+def test_resolve_pins_an_upstream_host_to_an_address(registry: FakeRegistry, tmp_path: Path) -> None:
+    """DNS mode: the LAN's DNS sends registry.ollama.ai to us; --resolve names the real address."""
+    import asyncio
+
+    from mirror.names import Name
+    from mirror.upstream import Upstream
+
+    registry.add_model("library/pinned", "latest", [write_blob(registry.directory, 1000, seed=64)])
+    port = registry.server.port
+
+    async def fetch(pinned: dict[str, str]) -> bytes:
+        upstream = Upstream(f"http://registry.invalid:{port}", pinned=pinned, connect_timeout=5)
+        try:
+            return (await upstream.get_manifest(Name.parse("library/pinned"), "latest", {})).data
+        finally:
+            await upstream.aclose()
+
+    assert asyncio.run(fetch({"registry.invalid": "127.0.0.1"})) == registry.manifests[("library/pinned", "latest")]
+    with pytest.raises(Exception, match="registry.invalid"):
+        asyncio.run(fetch({}))
