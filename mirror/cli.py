@@ -22,7 +22,16 @@ import uvicorn
 from . import __version__, logs, models, seeding
 from .app import create_app, open_mirror
 from .ca import CertificateAuthority
-from .config import DEFAULT_CACHE_DIR, DEFAULT_LISTEN, DEFAULT_UPSTREAM, Settings, SettingsError, load_settings
+from .config import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_CONFIG,
+    DEFAULT_LISTEN,
+    DEFAULT_UPSTREAM,
+    Settings,
+    SettingsError,
+    load_settings,
+    render,
+)
 from .errors import MirrorError
 from .layout import Layout
 from .metadata import Metadata
@@ -38,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ollama-mirror", description="A pull-through cache for the Ollama registry.")
     parser.add_argument("--version", action="version", version=f"ollama-mirror {__version__}")
     common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help=f"a TOML settings file (default {DEFAULT_CONFIG} if present)")
     common.add_argument("--cache-dir", help=f"the cache, an Ollama models directory (default {DEFAULT_CACHE_DIR})")
     common.add_argument("--upstream", help=f"registry URL to fill from (default {DEFAULT_UPSTREAM})")
     common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -80,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("verify", parents=[common], help="re-hash every blob; move bad ones aside")
     freeze = commands.add_parser("freeze", parents=[common], help="print tag -> manifest digest for `serve --lock`")
     freeze.add_argument("models", nargs="*", help="only these (default: all cached)")
+    commands.add_parser("config", parents=[common], help="print the effective settings (TOML) and their sources")
     ca = commands.add_parser("ca", parents=[common], help="the private CA for transparent (proxy/DNS) mode")
     ca.add_argument("action", choices=["init", "export"],
                     help="init: create it (once); export: print its certificate, and how to trust it")
@@ -97,10 +108,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     flags = {k: (",".join(v) if k in LIST_FLAGS and v else v) for k, v in vars(args).items() if k in SETTING_FLAGS}
     try:
-        settings = load_settings(flags, os.environ)
+        settings, sources = load_settings(flags, os.environ, Path(args.config) if args.config else None)
     except SettingsError as exc:
         sys.exit(f"ollama-mirror: {exc}")
-    logs.configure(settings.log_level)
+    if args.command == "config":
+        print(render(settings, sources))
+        return
+    logs.configure(settings.log_level, settings.log_format)
     if args.command == "serve":
         serve(settings)
         return

@@ -1,12 +1,16 @@
-"""Settings: one frozen object, filled from environment variables and then flags.
+"""Settings: one frozen object, filled from (in rising precedence) a TOML file, environment
+variables ``OLLAMA_MIRROR_<NAME>`` and command-line flags.
 
-Every setting has a named default and an environment variable
-``OLLAMA_MIRROR_<NAME>``; a bad value is an error that names the key.
+Every setting has a named default; an unknown key or a bad value is an error at start-up
+that names the key and where it came from.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
+import shutil
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +22,9 @@ DEFAULT_LISTEN = "0.0.0.0:11435"
 DEFAULT_UPSTREAM = "https://registry.ollama.ai"
 DEFAULT_CACHE_DIR = Path("~/.cache/ollama-mirror").expanduser()
 ENV_PREFIX = "OLLAMA_MIRROR_"
+DEFAULT_CONFIG = Path("/etc/ollama-mirror/config.toml")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
 
 class SettingsError(ValueError):
@@ -48,6 +55,15 @@ class Settings:
     tls_key: Path | None = None
     tunnel_allow: str = "ollama.com"  # hosts ("host" means port 443, or "host:port") the proxy tunnels untouched
     resolve: str = ""  # "HOST=IP,...": upstream addresses, so a LAN DNS override never loops to us
+    max_size: str = ""  # high watermark of the store: "500G" (K/M/G/T, powers of 1024) or "80%" of the disk
+    low_watermark: float = 0.9  # eviction stops at this share of max_size
+    min_free: str = "1G"  # a fill that would leave less free space than this is refused (507)
+    upstream_connections: int = 64  # upstream connections in total, all fills together
+    upstream_rate: str = ""  # bandwidth cap for all fills together, bytes/s ("50M"); empty: none
+    allow_clients: str = ""  # CIDRs that may use the mirror (comma-separated); empty: anyone
+    tokens: str = ""  # bearer tokens that may pull (comma-separated); empty: no token needed
+    admin_listen: str = ""  # HOST:PORT for /metrics and the status page only; empty: on the main listener
+    log_format: str = "text"  # "text" or "json" (one object per line, for log shippers)
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.upstream).scheme
@@ -59,14 +75,26 @@ class Settings:
                 ipaddress.ip_network(cidr)
             except ValueError:
                 raise SettingsError(f"allow_networks: {cidr!r} is not a network (CIDR)") from None
-        for key in ("proxy_listen", "tls_listen"):
+        for key in ("proxy_listen", "tls_listen", "admin_listen"):
             if getattr(self, key):
                 _host_port(key, getattr(self, key))
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingsError("tls_cert: give both tls_cert and tls_key, or neither")
         self.registry_urls  # noqa: B018 - validates the pairs
         self.pinned_addresses  # noqa: B018
-        for key in ("connections", "chunk_size", "max_retries"):
+        self.client_networks  # noqa: B018
+        if self.max_size and not self.max_size.strip().endswith("%"):
+            parse_size("max_size", self.max_size)
+        elif self.max_size and not 0 < float(self.max_size.strip()[:-1] or 0) <= 100:
+            raise SettingsError(f"max_size: {self.max_size!r} is not a percentage between 0 and 100")
+        parse_size("min_free", self.min_free)
+        if self.upstream_rate:
+            parse_size("upstream_rate", self.upstream_rate)
+        if not 0 < self.low_watermark < 1:
+            raise SettingsError(f"low_watermark: must be between 0 and 1, not {self.low_watermark}")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"log_format: {self.log_format!r} is neither 'text' nor 'json'")
+        for key in ("connections", "chunk_size", "max_retries", "upstream_connections"):
             if getattr(self, key) < 1:
                 raise SettingsError(f"{key}: must be at least 1, not {getattr(self, key)}")
 
@@ -102,6 +130,34 @@ class Settings:
         return pins
 
     @property
+    def client_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        try:
+            return [ipaddress.ip_network(c.strip(), strict=False) for c in self.allow_clients.split(",") if c.strip()]
+        except ValueError as exc:
+            raise SettingsError(f"allow_clients: {exc}") from None
+
+    @property
+    def token_set(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.tokens.split(",") if t.strip())
+
+    @property
+    def rate_limit(self) -> int | None:
+        return parse_size("upstream_rate", self.upstream_rate) if self.upstream_rate else None
+
+    @property
+    def min_free_bytes(self) -> int:
+        return parse_size("min_free", self.min_free)
+
+    def max_bytes(self) -> int | None:
+        """The store's high watermark in bytes; a percentage is of the cache's filesystem."""
+        text = self.max_size.strip()
+        if not text:
+            return None
+        if text.endswith("%"):
+            return int(shutil.disk_usage(_existing_parent(self.cache_dir)).total * float(text[:-1]) / 100)
+        return parse_size("max_size", text)
+
+    @property
     def tunnel_hosts(self) -> set[str]:
         return {h.strip().lower() for h in self.tunnel_allow.split(",") if h.strip()}
 
@@ -112,6 +168,20 @@ class Settings:
     @property
     def listen_port(self) -> int:
         return _host_port("listen", self.listen)[1]
+
+
+def parse_size(key: str, text: str) -> int:
+    """``"500G"``, ``"1.5T"``, ``"64M"``, ``"1000"``: bytes, in powers of 1024."""
+    match = _SIZE.match(str(text))
+    if match is None:
+        raise SettingsError(f"{key}: {text!r} is not a size (a number with K, M, G or T)")
+    return int(float(match[1]) * _UNITS[match[2].upper()])
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def _host_port(key: str, text: str) -> tuple[str, int]:
@@ -132,7 +202,18 @@ def _pairs(key: str, text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _convert(key: str, kind: type, text: str) -> object:
+def _convert(key: str, kind: type, value: object) -> object:
+    """A value of the setting's type, from a string (environment, flags) or a TOML value."""
+    if not isinstance(value, str):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is bool and isinstance(value, bool) or kind is float and number:
+            return kind(value)
+        if kind is int and number and float(value).is_integer():
+            return int(value)
+        if kind is str and number or kind is Path and isinstance(value, Path):
+            return kind(value)
+        raise SettingsError(f"{key}: {value!r} is not a valid {kind.__name__}")
+    text = value
     try:
         if kind is bool:
             lowered = text.strip().lower()
@@ -146,15 +227,82 @@ def _convert(key: str, kind: type, text: str) -> object:
         raise SettingsError(f"{key}: {text!r} is not a valid {kind.__name__}") from None
 
 
-def load_settings(flags: Mapping[str, object], environ: Mapping[str, str]) -> Settings:
-    """Settings from ``OLLAMA_MIRROR_*`` variables, overridden by flags that were given."""
-    kinds = {f.name: (Path if f.name in ("cache_dir", "lock", "tls_cert", "tls_key") else type(f.default)) for f in fields(Settings)}
+SettingSources = dict[str, str]  # setting -> where its value came from
+
+
+def _kinds() -> dict[str, type]:
+    return {f.name: (Path if f.name in ("cache_dir", "lock", "tls_cert", "tls_key") else type(f.default))
+            for f in fields(Settings)}
+
+
+def _from_toml(path: Path, kinds: Mapping[str, type]) -> dict[str, object]:
+    """A TOML file's settings, keys as in the table of the README (dashes or underscores)."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"config: cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config: {path} is not valid TOML: {exc}") from None
     values: dict[str, object] = {}
-    for key, kind in kinds.items():
-        text = environ.get(ENV_PREFIX + key.upper())
-        if text is not None:
-            values[key] = _convert(ENV_PREFIX + key.upper(), kind, text)
+    for raw_key, value in doc.items():
+        key = raw_key.replace("-", "_")
+        where = f"{raw_key} (in {path})"
+        if key not in kinds:
+            raise SettingsError(f"{where}: unknown setting")
+        if isinstance(value, dict) and key in ("registries", "resolve"):
+            value = ",".join(f"{k}={v}" for k, v in value.items())  # [registries] "hf.co" = "https://hf.co"
+        elif isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        values[key] = _convert(where, kinds[key], value)
+    return values
+
+
+def load_settings(
+    flags: Mapping[str, object], environ: Mapping[str, str], config: Path | None = None
+) -> tuple[Settings, SettingSources]:
+    """Settings from a TOML file, then ``OLLAMA_MIRROR_*`` variables, then flags that were given.
+
+    ``config``: the file named by ``--config``; else ``OLLAMA_MIRROR_CONFIG``; else
+    /etc/ollama-mirror/config.toml when it exists. Returns the settings and each one's source.
+    """
+    kinds = _kinds()
+    values: dict[str, object] = {}
+    sources: SettingSources = {}
+    path = config or (Path(environ["OLLAMA_MIRROR_CONFIG"]) if environ.get("OLLAMA_MIRROR_CONFIG") else None)
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    if path is not None:
+        for key, value in _from_toml(path, kinds).items():
+            values[key], sources[key] = value, str(path)
+    for name, text in environ.items():
+        if name.startswith(ENV_PREFIX) and name != "OLLAMA_MIRROR_CONFIG":
+            key = name[len(ENV_PREFIX):].lower()
+            if key not in kinds:
+                raise SettingsError(f"{name}: unknown setting (environment)")
+            values[key], sources[key] = _convert(name, kinds[key], text), "environment"
     for key, value in flags.items():
         if value is not None:
-            values[key] = _convert(f"--{key.replace('_', '-')}", kinds[key], str(value))
-    return Settings(**values)  # type: ignore[arg-type]
+            values[key] = _convert(f"--{key.replace('_', '-')}", kinds[key], value)
+            sources[key] = "command line"
+    return Settings(**values), sources  # type: ignore[arg-type]
+
+
+def render(settings: Settings, sources: SettingSources) -> str:
+    """The effective settings as TOML a config file can take, each with where it came from."""
+    lines = []
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if value is None:
+            lines.append(f"# {f.name} =  # not set")
+            continue
+        if f.name == "tokens" and value:
+            lines.append(f"# tokens: {len(settings.token_set)} set, not shown  # {sources.get(f.name)}")
+            continue
+        shown = str(value).lower() if isinstance(value, bool) else (
+            repr(value) if isinstance(value, (int, float)) else _toml_string(str(value)))
+        lines.append(f"{f.name} = {shown}  # {sources.get(f.name, 'default')}")
+    return "\n".join(lines)
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

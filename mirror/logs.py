@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import logging.handlers
 import queue
+import re
 import sys
 import time
+from datetime import UTC, datetime
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,8 +20,29 @@ access = logging.getLogger("mirror.access")
 _listener: logging.handlers.QueueListener | None = None
 
 
-def configure(level: str = "info") -> None:
-    """Plain ``time level logger message`` lines on stderr; httpx's own request lines muted.
+class JsonLines(logging.Formatter):
+    """One JSON object per line for log shippers: time, level, logger, message, and each
+    ``key=value`` of the message as a field of its own (``status``, ``bytes``, ``digest``...)."""
+
+    _FIELD = re.compile(r"(\w+)=('[^']*'|\S+)")
+    _RESERVED = {"time", "level", "logger", "message", "error"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        line: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name, "message": message,
+        }
+        for key, value in self._FIELD.findall(message):
+            if key not in self._RESERVED:
+                line[key] = int(value) if value.isdigit() else value.strip("'")
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure(level: str = "info", log_format: str = "text") -> None:
+    """``time level logger message`` lines (or JSON lines) on stderr; httpx's own request lines muted.
 
     Lines are written by a thread of their own: a write to a log file can block for
     hundreds of milliseconds while the disk flushes, and on the event loop that stalled
@@ -26,7 +50,8 @@ def configure(level: str = "info") -> None:
     """
     global _listener
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLines() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     if _listener is not None:
         _listener.stop()
     lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()

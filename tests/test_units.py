@@ -138,7 +138,8 @@ def test_settings_from_environment_and_flags() -> None:
 
     env = {"OLLAMA_MIRROR_LISTEN": "127.0.0.1:9000", "OLLAMA_MIRROR_OFFLINE": "yes",
            "OLLAMA_MIRROR_CACHE_DIR": "/tmp/c", "OLLAMA_MIRROR_CONNECTIONS": "4"}
-    settings = load_settings({"listen": "127.0.0.1:9001", "upstream": None}, env)
+    settings, sources = load_settings({"listen": "127.0.0.1:9001", "upstream": None}, env)
+    assert sources["listen"] == "command line" and sources["offline"] == "environment"
     assert settings.listen_port == 9001  # a flag beats the environment
     assert settings.offline and settings.connections == 4 and settings.cache_dir == Path("/tmp/c")
     with pytest.raises(SettingsError, match="OLLAMA_MIRROR_CONNECTIONS"):
@@ -147,3 +148,38 @@ def test_settings_from_environment_and_flags() -> None:
         load_settings({"upstream": "ftp://x"}, {})
     with pytest.raises(SettingsError, match="listen"):
         load_settings({"listen": "nowhere"}, {})
+    with pytest.raises(SettingsError, match="OLLAMA_MIRROR_CONECTIONS: unknown"):
+        load_settings({}, {"OLLAMA_MIRROR_CONECTIONS": "4"})
+
+
+def test_settings_from_toml_with_env_and_flags_above_it(tmp_path) -> None:
+    from mirror.config import SettingsError, load_settings, render
+
+    config = tmp_path / "config.toml"
+    config.write_text('''
+listen = "0.0.0.0:80"
+connections = 12
+max-size = "500G"
+allow_clients = ["10.0.0.0/8", "192.168.1.0/24"]
+[registries]
+"hf.co" = "https://hf.co"
+''')
+    settings, sources = load_settings({"connections": 6}, {"OLLAMA_MIRROR_MANIFEST_TTL": "60"}, config)
+    assert settings.listen == "0.0.0.0:80" and sources["listen"] == str(config)
+    assert settings.connections == 6 and sources["connections"] == "command line"
+    assert settings.manifest_ttl == 60 and settings.max_bytes() == 500 << 30
+    assert settings.registry_urls["hf.co"] == "https://hf.co"
+    assert len(settings.client_networks) == 2
+    shown = render(settings, sources)
+    assert 'listen = "0.0.0.0:80"  # ' + str(config) in shown and "connections = 6  # command line" in shown
+    assert "manifest_ttl = 60.0  # environment" in shown and 'log_format = "text"  # default' in shown
+    # what `config` prints is itself a config file giving the same settings
+    again = tmp_path / "again.toml"
+    again.write_text("\n".join(line for line in shown.splitlines() if not line.startswith("#")))
+    assert load_settings({}, {}, again)[0] == settings
+    for text, key in (('conections = 4', "conections"), ('connections = "many"', "connections"),
+                      ('max_size = "lots"', "max_size"), ('log_format = "xml"', "log_format"),
+                      ('listen = ', "config")):
+        config.write_text(text)
+        with pytest.raises(SettingsError, match=key):
+            load_settings({}, {}, config)
