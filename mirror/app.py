@@ -18,9 +18,11 @@ from starlette.responses import Response
 from .blobs import BlobService
 from .config import Settings
 from .errors import MirrorError, NameInvalid
+from .eviction import Evictor
 from .fill import FillEngine
 from .layout import Layout
-from .models import DEFAULT_REGISTRY
+from .models import DEFAULT_REGISTRY, CachedModel
+from .names import Digest
 from .logs import AccessLog
 from .manifests import ManifestService
 from .metadata import Metadata
@@ -70,6 +72,17 @@ class Mirror:
     meta: Metadata
     engine: FillEngine
     registries: dict[str, Registry]
+    evictor: Evictor | None = None
+
+    def forget(self, model: CachedModel) -> None:
+        """A tag removed from disk is dropped from memory too, so it is not served from there."""
+        for registry in self.registries.values():
+            registry.manifests.forget(model.name, model.tag)
+
+    def busy(self) -> set[Digest]:
+        """Blobs being filled or served: eviction never touches them."""
+        served = {d for r in self.registries.values() for d in r.blobs.serving}
+        return served | {fill.digest for fill in self.engine.active}
 
     @property
     def default(self) -> Registry:
@@ -113,13 +126,29 @@ async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
     engine = FillEngine(store, meta, settings)
     registries = {host: _registry(host, url, store, meta, engine, settings)
                   for host, url in settings.registry_urls.items()}
+    mirror = Mirror(settings, layout, store, meta, engine, registries)
+    eviction_task = _start_eviction(mirror)
     try:
-        yield Mirror(settings, layout, store, meta, engine, registries)
+        yield mirror
     finally:
+        if eviction_task is not None:
+            eviction_task.cancel()
         await engine.close()
         for registry in registries.values():
             await registry.upstream.aclose()
         meta.close()
+
+
+def _start_eviction(mirror: Mirror) -> asyncio.Task[None] | None:
+    high = mirror.settings.max_bytes()
+    if high is None:
+        return None
+    low = int(high * mirror.settings.low_watermark)
+    mirror.evictor = Evictor(mirror.layout, mirror.meta, high, low, mirror.busy, mirror.forget)
+    mirror.engine.finished.append(lambda fill: mirror.evictor.poke() if mirror.evictor else None)
+    log.info("eviction on max_size=%d low_watermark=%d", high, low)
+    mirror.evictor.poke()  # a store already over the limit is brought under it at start
+    return asyncio.get_running_loop().create_task(mirror.evictor.run_forever(), name="eviction")
 
 
 def _registry(host: str, url: str, store: BlobStore, meta: Metadata, engine: FillEngine,

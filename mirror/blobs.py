@@ -8,19 +8,22 @@ Either way the HTTP layer sees the same thing: an async iterator of bytes for
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 from cachetools import TTLCache
 
 from .config import Settings
-from .errors import BlobUnknown, FillFailed, UpstreamRefused
+from .errors import BlobUnknown, FillFailed, StoreFull, UpstreamRefused
 from .fill import Fill, FillEngine
 from .metadata import Metadata
 from .names import Digest, Name
 from .store import BlobStore, read_at
 from .upstream import Upstream
 
+log = logging.getLogger("mirror.fill")
 ReadSize = Callable[[], int]  # asked before every read: the size may change while a body streams
 TOUCH_EVERY = 60.0  # seconds between access-time writes for one blob
 
@@ -28,17 +31,26 @@ TOUCH_EVERY = 60.0  # seconds between access-time writes for one blob
 class BlobBody:
     """The bytes of one blob, from the store or from its fill. ``source`` is "hit" or "fill"."""
 
-    def __init__(self, digest: Digest, size: int, fd: int | None, fill: Fill | None) -> None:
+    def __init__(self, digest: Digest, size: int, fd: int | None, fill: Fill | None,
+                 serving: Counter[Digest] | None = None) -> None:
         self.digest = digest
         self.size = size
         self.source = "hit" if fill is None else "fill"
         self._fd = fd
         self._fill = fill
+        self._serving = serving  # blobs being served are never evicted
+        if serving is not None:
+            serving[digest] += 1
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._serving is not None:
+            self._serving[self.digest] -= 1
+            if self._serving[self.digest] <= 0:
+                del self._serving[self.digest]
+            self._serving = None
 
     async def iter_span(self, start: int, stop: int, read_size: ReadSize) -> AsyncIterator[bytes]:
         if self._fill is None:
@@ -89,6 +101,8 @@ class BlobService:
     ) -> None:
         self._store, self._meta, self._upstream, self._engine = store, meta, upstream, engine
         self._offline = settings.offline
+        self._min_free = settings.min_free_bytes
+        self.serving: Counter[Digest] = Counter()  # open bodies per blob: never evicted
         self._touched: TTLCache[Digest, bool] = TTLCache(maxsize=65536, ttl=TOUCH_EVERY)
 
     async def size(self, name: Name, digest: Digest) -> int:
@@ -118,9 +132,10 @@ class BlobService:
         fd = await asyncio.to_thread(self._store.open_blob, digest)
         if fd is not None:
             await self._touch(digest)
-            return BlobBody(digest, os.fstat(fd).st_size, fd, None)
+            return BlobBody(digest, os.fstat(fd).st_size, fd, None, self.serving)
         size = await self.size(name, digest)
-        fill = self._engine.start(name, digest, size, self._upstream)  # no await since size(): still single flight
+        await self._check_space(digest, size)
+        fill = self._engine.start(name, digest, size, self._upstream)  # single flight: start() joins a running fill
         return BlobBody(digest, fill.size, None, fill)
 
     async def open_local(self, digest: Digest) -> BlobBody:
@@ -129,7 +144,7 @@ class BlobService:
         fd = await asyncio.to_thread(self._store.open_blob, digest)
         if fd is not None:
             await self._touch(digest)
-            return BlobBody(digest, os.fstat(fd).st_size, fd, None)
+            return BlobBody(digest, os.fstat(fd).st_size, fd, None, self.serving)
         fill = self._engine.get(digest)
         if fill is None:
             raise BlobUnknown(f"blob {digest} is not in the mirror; pull it by model name to fill it")
@@ -141,7 +156,16 @@ class BlobService:
             return None
         if self._offline:
             raise BlobUnknown(f"blob {digest} is not cached and the mirror is offline")
+        await self._check_space(digest, size)
         return self._engine.start(name, digest, size, self._upstream)
+
+    async def _check_space(self, digest: Digest, size: int) -> None:
+        if self._engine.get(digest) is None:  # a running fill holds its space already
+            try:
+                await asyncio.to_thread(self._store.check_space, digest, size, self._min_free)
+            except StoreFull as exc:
+                log.warning("fill refused digest=%s size=%d reason=%s", digest.short, size, exc)
+                raise
 
     async def _touch(self, digest: Digest) -> None:
         """Record the access for eviction, at most once a minute per blob."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import uvicorn
 
-from . import __version__, logs, models, seeding
+from . import __version__, eviction, logs, models, seeding
 from .app import create_app, open_mirror
 from .ca import CertificateAuthority
 from .config import (
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", help=f"the cache, an Ollama models directory (default {DEFAULT_CACHE_DIR})")
     common.add_argument("--upstream", help=f"registry URL to fill from (default {DEFAULT_UPSTREAM})")
     common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    common.add_argument("--log-format", choices=["text", "json"])
     common.add_argument("--registry", action="append", dest="registries", metavar="HOST=URL",
                         help="mirror this registry host, filled from URL (repeatable; "
                              "default registry.ollama.ai=https://registry.ollama.ai)")
@@ -63,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--manifest-ttl", type=float, help="seconds a cached tag is served before revalidating (600)")
     serve.add_argument("--lock", help="a lock file from `freeze`: its tags answer exactly its manifests")
     serve.add_argument("--allow-networks", help="CIDRs a public upstream may redirect to although private")
+    serve.add_argument("--max-size", help="evict least-recently-used models above this: 500G (K/M/G/T) or 80%%")
+    serve.add_argument("--min-free", help="refuse fills (507) that would leave less free disk than this (1G)")
+    serve.add_argument("--upstream-connections", type=int, help="upstream connections, all fills together (64)")
+    serve.add_argument("--upstream-rate", help="bandwidth cap for all fills together, bytes/s: 50M (none)")
+    serve.add_argument("--allow-clients", help="CIDRs that may use the mirror, comma-separated (anyone)")
+    serve.add_argument("--token", action="append", dest="tokens", metavar="TOKEN",
+                       help="a bearer token that may pull (repeatable; better in the config file)")
+    serve.add_argument("--admin-listen", help="HOST:PORT for /metrics and the status page only")
     serve.add_argument("--proxy-listen", help="HOST:PORT for clients with HTTPS_PROXY (transparent mode)")
     serve.add_argument("--tls-listen", help="HOST:PORT answering TLS as the mirrored hosts (LAN DNS override)")
     serve.add_argument("--tls-cert", help="certificate (PEM) for --tls-listen instead of one from the mirror's CA")
@@ -90,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("verify", parents=[common], help="re-hash every blob; move bad ones aside")
     freeze = commands.add_parser("freeze", parents=[common], help="print tag -> manifest digest for `serve --lock`")
     freeze.add_argument("models", nargs="*", help="only these (default: all cached)")
+    gc = commands.add_parser("gc", parents=[common], help="evict down to the low watermark of --max-size now")
+    gc.add_argument("--max-size", help="as for serve (default: the configured one; none: only unused blobs)")
+    gc.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
     commands.add_parser("config", parents=[common], help="print the effective settings (TOML) and their sources")
     ca = commands.add_parser("ca", parents=[common], help="the private CA for transparent (proxy/DNS) mode")
     ca.add_argument("action", choices=["init", "export"],
@@ -100,8 +112,9 @@ def _parser() -> argparse.ArgumentParser:
 
 SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "manifest_ttl", "log_level", "lock",
                  "allow_networks", "registries", "proxy_listen", "tls_listen", "tls_cert", "tls_key",
-                 "tunnel_allow", "resolve"}
-LIST_FLAGS = {"registries", "resolve"}  # repeatable flags, joined into one comma-separated setting
+                 "tunnel_allow", "resolve", "max_size", "min_free", "upstream_connections", "upstream_rate",
+                 "allow_clients", "tokens", "admin_listen", "log_format"}
+LIST_FLAGS = {"registries", "resolve", "tokens"}  # repeatable flags, joined into one comma-separated setting
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -264,6 +277,28 @@ def cmd_freeze(settings: Settings, args: argparse.Namespace) -> None:
     print(json.dumps({"lockfileVersion": 1, "models": lock}, indent=1))
 
 
+def cmd_gc(settings: Settings, args: argparse.Namespace) -> None:
+    layout = _layout(settings)
+    high = settings.max_bytes()
+    low = int(high * settings.low_watermark) if high is not None else None
+    meta = Metadata(layout.meta)
+    try:
+        chosen = eviction.plan(layout, meta, high, low, force=True)
+        for model in chosen.models:
+            print(f"{'would evict' if args.dry_run else 'evict'} {model.display_name}  {human(model.size)}")
+        orphans = set(chosen.blobs) - {layer.digest for m in chosen.models for layer in m.blobs}
+        for digest in sorted(orphans, key=str):
+            print(f"{'would remove' if args.dry_run else 'remove'} unused blob {digest.short}  "
+                  f"{human(chosen.blobs[digest])}")
+        if not args.dry_run:
+            eviction.execute(layout, meta, chosen)
+        limit = f", low watermark {human(chosen.low)}" if high is not None else ""
+        print(f"store {human(chosen.usage)}{limit}: {'would free' if args.dry_run else 'freed'} "
+              f"{human(chosen.freed)} ({len(chosen.models)} models, {len(chosen.blobs)} blobs)", file=sys.stderr)
+    finally:
+        meta.close()
+
+
 def cmd_ca(settings: Settings, args: argparse.Namespace) -> None:
     ca = CertificateAuthority(_layout(settings).state / "ca")
     if args.action == "init":
@@ -305,6 +340,7 @@ COMMANDS = {
     "pull": cmd_pull, "import": cmd_import, "export": cmd_export, "ls": cmd_ls, "rm": cmd_rm,
     "pin": cmd_pin, "unpin": lambda s, a: cmd_pin(s, a, pinned=False), "verify": cmd_verify, "freeze": cmd_freeze,
     "ca": cmd_ca,
+    "gc": cmd_gc,
 }
 
 

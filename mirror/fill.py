@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from enum import Enum, auto
 from typing import Any
 
@@ -242,7 +243,7 @@ class Fill:
         if self._fd is not None:  # the read-only view used while following another process
             os.close(self._fd)
             self._fd = None
-        fd, existed = self._store.open_staging(self.digest, self.size)
+        fd, existed = self._store.open_staging(self.digest, self.size, self._settings.min_free_bytes)
         self._fd = fd
         saved = self._meta.fill_progress(self.digest) if existed else None
         if not existed:
@@ -505,6 +506,7 @@ class FillEngine:
         self._store, self._meta, self._settings = store, meta, settings
         self._fills: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.finished: list[Callable[[Fill], None]] = []  # told of every fill that ended (metrics, eviction)
 
     def get(self, digest: Digest) -> Fill | None:
         return self._fills.get(digest)
@@ -536,6 +538,8 @@ class FillEngine:
         self._tasks.discard(task)
         if self._fills.get(digest) is fill:
             del self._fills[digest]
+        for listener in self.finished:
+            listener(fill)
 
     async def close(self) -> None:
         """Cancel every fill; each saves its progress on the way out."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 import json
 import logging
 import time
@@ -155,7 +156,10 @@ class ManifestService:
         manifest = CachedManifest(
             fetched.data, Digest(hashlib.sha256(fetched.data).hexdigest()), media_type, time.time()
         )
-        await asyncio.to_thread(self._save, name, tag, manifest, sizes)
+        try:
+            await asyncio.to_thread(self._save, name, tag, manifest, sizes)
+        except (OSError, sqlite3.OperationalError) as exc:  # a full disk: serve it, uncached
+            log.warning("manifest not cached name=%s tag=%s reason=%s; serving it from memory", name, tag, exc)
         self._remember(key, manifest)
         self._missing.pop(key, None)
         log.info("manifest fetched name=%s tag=%s digest=%s bytes=%d", name, tag, manifest.digest.short,

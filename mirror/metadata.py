@@ -6,7 +6,11 @@ callers go through ``asyncio.to_thread``. Keys are namespaced strings.
 
 from __future__ import annotations
 
+import functools
+import logging
+import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +19,28 @@ import diskcache
 
 from .names import Digest, Name
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class ManifestRecord:
     fetched_at: float  # when upstream last confirmed this tag (unix time)
     source: str  # the upstream URL it came from
     digest: str
+
+
+def _best_effort(write: Callable[..., None]) -> Callable[..., None]:
+    """A hint that could not be written (disk full, database locked too long) is logged and
+    skipped: losing a hint costs a later upstream request, never a failed client request."""
+
+    @functools.wraps(write)
+    def guarded(self: Metadata, *args: Any) -> None:
+        try:
+            write(self, *args)
+        except (sqlite3.OperationalError, OSError) as exc:
+            log.warning("metadata not written what=%s reason=%s", write.__name__, exc)
+
+    return guarded
 
 
 class Metadata:
@@ -40,6 +60,7 @@ class Metadata:
         value = self._cache.get(self._manifest_key(host, name, tag))
         return ManifestRecord(**value) if isinstance(value, dict) else None
 
+    @_best_effort
     def set_manifest(self, host: str, name: Name, tag: str, record: ManifestRecord) -> None:
         self._cache.set(self._manifest_key(host, name, tag), asdict(record))
 
@@ -50,6 +71,7 @@ class Metadata:
         value = self._cache.get(f"size:{digest.hex}")
         return value if isinstance(value, int) else None
 
+    @_best_effort
     def set_blob_sizes(self, sizes: dict[Digest, int]) -> None:
         with self._cache.transact():
             for digest, size in sizes.items():
@@ -58,8 +80,12 @@ class Metadata:
     def forget_blob_size(self, digest: Digest) -> None:
         self._cache.delete(f"size:{digest.hex}")
 
+    @_best_effort
     def touch_blob(self, digest: Digest, when: float | None = None) -> None:
         self._cache.set(f"access:{digest.hex}", when if when is not None else time.time())
+
+    def forget_access(self, digest: Digest) -> None:
+        self._cache.delete(f"access:{digest.hex}")
 
     def blob_access(self, digest: Digest) -> float | None:
         value = self._cache.get(f"access:{digest.hex}")
@@ -87,6 +113,7 @@ class Metadata:
         value = self._cache.get(f"fill:{digest.hex}")
         return value if isinstance(value, dict) else None
 
+    @_best_effort
     def set_fill_progress(self, digest: Digest, progress: dict[str, Any]) -> None:
         self._cache.set(f"fill:{digest.hex}", progress)
 

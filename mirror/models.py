@@ -131,8 +131,8 @@ def read_blob_text(layout: Layout, layer: Layer, limit: int = 1 << 20) -> str | 
         return None
 
 
-def remove(layout: Layout, model: CachedModel, busy: Iterable[Digest]) -> list[Digest]:
-    """Remove a tag; then every blob of it that no other manifest uses and no fill holds."""
+def remove_tag(layout: Layout, model: CachedModel) -> None:
+    """Remove the tag's manifest file, and its directories when they are left empty."""
     path = layout.manifest(model.name, model.tag, model.host)
     path.unlink(missing_ok=True)
     for parent in (path.parent, path.parent.parent):
@@ -140,6 +140,11 @@ def remove(layout: Layout, model: CachedModel, busy: Iterable[Digest]) -> list[D
             parent.rmdir()  # only when empty, as Ollama prunes
         except OSError:
             break
+
+
+def remove(layout: Layout, model: CachedModel, busy: Iterable[Digest]) -> list[Digest]:
+    """Remove a tag; then every blob of it that no other manifest uses and no fill holds."""
+    remove_tag(layout, model)
     still_used = {layer.digest for other in list_models(layout) for layer in other.blobs} | set(busy)
     removed = []
     for layer in model.blobs:

@@ -154,8 +154,7 @@ async def delete(request: Request) -> Response:
     model = await _find(request, ref)
     busy = [fill.digest for fill in request.app.state.engine.active]
     await asyncio.to_thread(models.remove, request.app.state.layout, model, busy)
-    for registry in request.app.state.mirror.registries.values():
-        registry.manifests.forget(model.name, model.tag)
+    request.app.state.mirror.forget(model)
     return Response(status_code=200)
 
 

@@ -47,10 +47,26 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
-    def open_staging(self, digest: Digest, size: int) -> tuple[int, bool]:
+    def check_space(self, digest: Digest, size: int, min_free: int) -> None:
+        """Refuse a fill that would leave less than ``min_free`` bytes free: a clear 507 now
+        rather than a disk filled to ENOSPC. Space a staging file already holds counts as ours."""
+        try:
+            held = os.stat(self.layout.staging_data(digest)).st_blocks * 512
+        except FileNotFoundError:
+            held = 0
+        stat = os.statvfs(self.layout.staging)
+        free = stat.f_bavail * stat.f_frsize
+        if free + held - size < min_free:
+            raise StoreFull(
+                f"not enough disk space for blob {digest.short} ({size} bytes): {free} bytes free and "
+                f"{min_free} must stay free (--min-free); free space, or set --max-size to evict old models")
+
+    def open_staging(self, digest: Digest, size: int, min_free: int = 0) -> tuple[int, bool]:
         """A read-write descriptor on the staging file, created at full size; and whether it existed."""
         path = self.layout.staging_data(digest)
         existed = path.exists()
+        if not existed or path.stat().st_size != size:
+            self.check_space(digest, size, min_free)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if os.fstat(fd).st_size != size:
