@@ -121,7 +121,7 @@ def test_server_evicts_after_a_fill_but_never_what_is_being_served(
     with _streaming(mirror.url(), f"/v2/library/old/blobs/{layers['old'][0].digest}"):
         _pull(mirror.url(), "new", layers["new"])  # the store passes 6.9 MB: the fill's end starts eviction
         deadline = time.monotonic() + 20
-        while _manifest_path(cache, registry, "pinned").exists() and time.monotonic() < deadline:
+        while blob_path(cache, layers["pinned"][0]).exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _manifest_path(cache, registry, "pinned").exists()
         assert not blob_path(cache, layers["pinned"][0]).exists()
