@@ -8,13 +8,16 @@ import re
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
+from . import ollama_api, status
 from .blobs import BlobService
 from .config import Settings
 from .errors import MirrorError, NameInvalid
@@ -28,7 +31,9 @@ from .manifests import ManifestService
 from .metadata import Metadata
 from .pulls import PullService
 from .responses import error_response, registry_error
-from .routes import routes
+from .metrics import Metrics
+from .routes import ALL_METHODS, unknown
+from .routes import routes as registry_routes
 from .store import BlobStore
 from .upstream import Upstream
 
@@ -161,18 +166,33 @@ def _registry(host: str, url: str, store: BlobStore, meta: Metadata, engine: Fil
 
 
 def create_app(settings: Settings) -> Starlette:
+    """The main app: the registry protocol, Ollama's API, and (unless --admin-listen) the status pages."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with open_mirror(settings) as mirror:
             state = app.state
             state.mirror, state.layout, state.engine = mirror, mirror.layout, mirror.engine
+            state.metrics = Metrics(mirror)
             upstreams = " ".join(f"{host}={url}" for host, url in settings.registry_urls.items())
             log.info("mirror ready cache=%s registries=%s%s", settings.cache_dir, upstreams,
                      " offline" if settings.offline else "")
             yield
 
+    pages = status.public_root if settings.admin_listen else status.routes
+    return _starlette([*ollama_api.routes, *pages, *registry_routes], lifespan)
+
+
+def create_admin_app(main: Starlette) -> Starlette:
+    """The status page and /metrics alone, for --admin-listen; it shares the main app's state."""
+    admin = _starlette([*status.routes, Route("/{path:path}", unknown, methods=ALL_METHODS)], None)
+    admin.state = main.state
+    return admin
+
+
+def _starlette(app_routes: list[BaseRoute], lifespan: Any) -> Starlette:
     return Starlette(
-        routes=routes,
+        routes=app_routes,
         middleware=[Middleware(AccessLog)],
         exception_handlers={MirrorError: _mirror_error, HTTPException: _http_error, Exception: _bug},
         lifespan=lifespan,

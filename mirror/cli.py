@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                              "default registry.ollama.ai=https://registry.ollama.ai)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", parents=[common], help="serve the registry protocol from the cache")
+    serve = argparse.ArgumentParser(add_help=False)  # serve's options; `config` takes them too
     serve.add_argument("--listen", help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN}; port 0 picks one)")
     serve.add_argument("--offline", action="store_const", const=True, help="never contact upstream")
     serve.add_argument("--connections", type=int, help="parallel Range requests per blob (default 8)")
@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--resolve", action="append", metavar="HOST=IP",
                        help="reach an upstream host at this address (a LAN DNS override must not loop to us)")
 
+    commands.add_parser("serve", parents=[common, serve], help="serve the registry protocol from the cache")
     models_help = "models as a user types them: qwen2.5:7b, team/model:v1, host:port/ns/model:tag"
     pull = commands.add_parser("pull", parents=[common], help="warm the cache from upstream, without a client")
     pull.add_argument("models", nargs="+", help=models_help)
@@ -102,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     gc = commands.add_parser("gc", parents=[common], help="evict down to the low watermark of --max-size now")
     gc.add_argument("--max-size", help="as for serve (default: the configured one; none: only unused blobs)")
     gc.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
-    commands.add_parser("config", parents=[common], help="print the effective settings (TOML) and their sources")
+    commands.add_parser("config", parents=[common, serve], help="print the effective settings (TOML) and their sources")
     ca = commands.add_parser("ca", parents=[common], help="the private CA for transparent (proxy/DNS) mode")
     ca.add_argument("action", choices=["init", "export"],
                     help="init: create it (once); export: print its certificate, and how to trust it")
@@ -363,6 +364,7 @@ def serve(settings: Settings) -> None:
     sock = _bind_or_exit("listen", settings.listen)
     proxy_sock = _bind_or_exit("proxy-listen", settings.proxy_listen) if settings.proxy_listen else None
     tls_sock = _bind_or_exit("tls-listen", settings.tls_listen) if settings.tls_listen else None
+    admin_sock = _bind_or_exit("admin-listen", settings.admin_listen) if settings.admin_listen else None
     _fewer_malloc_arenas()
     config = uvicorn.Config(
         create_app(settings),
@@ -372,7 +374,7 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=10,
         h11_max_incomplete_event_size=64 * 1024,
     )
-    mirror_server = MirrorServer(config, settings, proxy_sock, tls_sock)
+    mirror_server = MirrorServer(config, settings, proxy_sock, tls_sock, admin_sock)
     log.info("listening url=%s", url_of(sock))
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again with the handlers
     # it found: these make that a clean exit (code 0 for TERM), so queued log lines are written.

@@ -36,6 +36,7 @@ class JsonLines(logging.Formatter):
         for key, value in self._FIELD.findall(message):
             if key not in self._RESERVED:
                 line[key] = int(value) if value.isdigit() else value.strip("'")
+        line.update(getattr(record, "fields", {}))  # what the text form says by position
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
@@ -97,6 +98,9 @@ class AccessLog:
             await self.app(scope, receive, counting_send)
         finally:
             state = scope.get("state", {})
+            metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+            if metrics is not None:
+                metrics.request(scope["path"], scope["method"], sent["status"], state.get("cache"), sent["bytes"])
             client = scope.get("client") or ("-", 0)
             access.info(
                 "%s %s %d bytes=%d ms=%.0f cache=%s client=%s%s%s",
@@ -104,6 +108,7 @@ class AccessLog:
                 (time.perf_counter() - started) * 1000, state.get("cache", "-"), client[0],
                 f" host={_host(scope)}" if scope.get("scheme") == "https" else "",  # transparent mode
                 f" outcome={state['outcome']!r}" if "outcome" in state else "",
+                extra={"fields": {"method": scope["method"], "path": scope["path"], "status": sent["status"]}},
             )
 
 

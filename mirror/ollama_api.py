@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import models
@@ -247,9 +247,6 @@ async def _is_unload(request: Request) -> bool:
             and not body.get("prompt") and not body.get("messages"))
 
 
-async def root(request: Request) -> Response:
-    return PlainTextResponse("ollama-mirror is running")
-
 
 routes = [
     Route("/api/pull", pull, methods=["POST"]),
@@ -258,5 +255,4 @@ routes = [
     Route("/api/show", show, methods=["POST"]),
     Route("/api/version", version, methods=["GET", "HEAD"]),
     Route("/api/{rest:path}", not_an_inference_server, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
-    Route("/", root, methods=["GET", "HEAD"]),
 ]

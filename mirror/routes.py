@@ -14,7 +14,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import ollama_api
 from .blobs import BlobBody, BlobService
 from .errors import RouteUnknown, Unsupported
 from .manifests import ManifestService
@@ -104,7 +103,6 @@ async def unknown(request: Request) -> Response | BlobResponse:
 
 
 routes = [
-    *ollama_api.routes,
     Route("/v2/", v2_root, methods=ALL_METHODS),
     Route("/v2/{name:path}/blobs/uploads/{rest:path}", push, methods=ALL_METHODS),
     Route("/v2/{name:path}/manifests/{reference:path}", manifest, methods=ALL_METHODS),

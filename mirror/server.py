@@ -12,6 +12,7 @@ import socket
 
 import uvicorn
 
+from .app import create_admin_app
 from .ca import CertificateAuthority, ServerIdentities
 from .config import Settings
 from .intercept import HANDSHAKE_TIMEOUT, Policy, ProxyProtocol
@@ -42,14 +43,19 @@ def url_of(sock: socket.socket, scheme: str = "http") -> str:
 
 
 class MirrorServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, settings: Settings,
-                 proxy_sock: socket.socket | None = None, tls_sock: socket.socket | None = None) -> None:
+    def __init__(self, config: uvicorn.Config, settings: Settings, proxy_sock: socket.socket | None = None,
+                 tls_sock: socket.socket | None = None, admin_sock: socket.socket | None = None) -> None:
         super().__init__(config)
         self._settings, self._proxy_sock, self._tls_sock = settings, proxy_sock, tls_sock
+        self._admin_sock = admin_sock
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
-        if self.should_exit or not (self._proxy_sock or self._tls_sock):
+        if self.should_exit:
+            return
+        if self._admin_sock is not None:
+            await self._start_admin(self._admin_sock)
+        if not (self._proxy_sock or self._tls_sock):
             return
         mirror = self.config.app.state.mirror
         identities = ServerIdentities(self._certificate_authority(mirror.layout.state / "ca"), mirror.answers_for,
@@ -69,6 +75,21 @@ class MirrorServer(uvicorn.Server):
             self.servers.append(server)
             log.info("tls ready url=%s answers_for=%s", url_of(self._tls_sock, "https"),
                      ",".join(sorted(mirror.registries)))
+
+    async def _start_admin(self, sock: socket.socket) -> None:
+        """The status page and /metrics on a listener of their own (e.g. 127.0.0.1 only)."""
+        config = uvicorn.Config(create_admin_app(self.config.app), log_config=None, access_log=False,
+                                timeout_keep_alive=self.config.timeout_keep_alive, lifespan="off")
+        config.load()
+
+        def admin_protocol() -> asyncio.Protocol:
+            protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state)
+            return protocol
+
+        server = await asyncio.get_running_loop().create_server(admin_protocol, sock=sock, backlog=BACKLOG)
+        self.servers.append(server)
+        log.info("admin ready url=%s (status page and /metrics)", url_of(sock))
 
     def _http_protocol(self) -> asyncio.Protocol:
         """The protocol uvicorn gives its own connections, for ours: same app, same limits, and

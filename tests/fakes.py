@@ -138,7 +138,7 @@ class MirrorProcess:
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            found = re.findall(r"listening url=(\S+)", self.log.read_text())
+            found = re.findall(r"listening url=([^\s\"]+)", self.log.read_text())
             if found and self.process.poll() is None:
                 self.url = found[-1]
                 return
