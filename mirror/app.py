@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from . import ollama_api, status
+from .access import AccessControl
 from .blobs import BlobService
 from .config import Settings
 from .errors import MirrorError, NameInvalid
@@ -35,7 +36,7 @@ from .metrics import Metrics
 from .routes import ALL_METHODS, unknown
 from .routes import routes as registry_routes
 from .store import BlobStore
-from .upstream import Upstream
+from .upstream import Throttle, Upstream
 
 log = logging.getLogger("mirror")
 
@@ -129,7 +130,8 @@ async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
     if removed:
         log.info("staging swept files=%d reason=no saved progress", len(removed))
     engine = FillEngine(store, meta, settings)
-    registries = {host: _registry(host, url, store, meta, engine, settings)
+    throttle = Throttle(settings.rate_limit) if settings.rate_limit else None
+    registries = {host: _registry(host, url, store, meta, engine, settings, throttle)
                   for host, url in settings.registry_urls.items()}
     mirror = Mirror(settings, layout, store, meta, engine, registries)
     eviction_task = _start_eviction(mirror)
@@ -157,9 +159,10 @@ def _start_eviction(mirror: Mirror) -> asyncio.Task[None] | None:
 
 
 def _registry(host: str, url: str, store: BlobStore, meta: Metadata, engine: FillEngine,
-              settings: Settings) -> Registry:
+              settings: Settings, throttle: Throttle | None) -> Registry:
     upstream = Upstream(url, connect_timeout=settings.connect_timeout, stall_timeout=settings.stall_timeout,
-                        allow_networks=settings.allowed_networks, pinned=settings.pinned_addresses)
+                        max_connections=settings.upstream_connections, allow_networks=settings.allowed_networks,
+                        pinned=settings.pinned_addresses, throttle=throttle)
     manifests = ManifestService(store, meta, upstream, settings, host)
     blobs = BlobService(store, meta, upstream, engine, settings)
     return Registry(host, upstream, manifests, blobs, PullService(manifests, blobs))
@@ -180,7 +183,8 @@ def create_app(settings: Settings) -> Starlette:
             yield
 
     pages = status.public_root if settings.admin_listen else status.routes
-    return _starlette([*ollama_api.routes, *pages, *registry_routes], lifespan)
+    guard = Middleware(AccessControl, networks=settings.client_networks, tokens=settings.token_set)
+    return _starlette([*ollama_api.routes, *pages, *registry_routes], lifespan, [guard])
 
 
 def create_admin_app(main: Starlette) -> Starlette:
@@ -190,10 +194,10 @@ def create_admin_app(main: Starlette) -> Starlette:
     return admin
 
 
-def _starlette(app_routes: list[BaseRoute], lifespan: Any) -> Starlette:
+def _starlette(app_routes: list[BaseRoute], lifespan: Any, middleware: list[Middleware] | None = None) -> Starlette:
     return Starlette(
         routes=app_routes,
-        middleware=[Middleware(AccessLog)],
+        middleware=[Middleware(AccessLog), *(middleware or [])],
         exception_handlers={MirrorError: _mirror_error, HTTPException: _http_error, Exception: _bug},
         lifespan=lifespan,
     )

@@ -76,6 +76,14 @@ class RouteUnknown(ClientError):
     code = "NOT_FOUND"
 
 
+class Unauthorized(ClientError):
+    code = "UNAUTHORIZED"
+
+
+class Denied(ClientError):
+    code = "DENIED"
+
+
 class ManifestUnknown(ClientError):
     code = "MANIFEST_UNKNOWN"
 

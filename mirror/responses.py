@@ -28,6 +28,8 @@ STATUS = {
     errors.RangeNotSatisfiable: 416,
     errors.Unsupported: 405,
     errors.RouteUnknown: 404,
+    errors.Unauthorized: 401,
+    errors.Denied: 403,
     errors.ManifestUnknown: 404,
     errors.BlobUnknown: 404,
     errors.ClientError: 400,

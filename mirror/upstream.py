@@ -62,6 +62,24 @@ class Manifest:
     content_type: str
 
 
+class Throttle:
+    """A bandwidth cap shared by every fill: each piece read waits for its turn in virtual time,
+    with a quarter second of slack so the connections' reads interleave smoothly."""
+
+    SLACK = 0.25
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._next = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self._next = max(self._next, now - self.SLACK) + n / self.rate
+        delay = self._next - now - self.SLACK
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
 class Upstream:
     def __init__(
         self,
@@ -74,8 +92,10 @@ class Upstream:
         allow_networks: Sequence[IPNetwork] = (),
         resolve: Resolver | None = None,
         pinned: Mapping[str, str] | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._throttle = throttle
         self._origin = _origin(self.base_url)
         self._allow_networks = tuple(allow_networks)
         self._pinned = dict(pinned or {})
@@ -226,7 +246,7 @@ class Upstream:
         with _mapped(location.url):
             response = await self.client.send(request, stream=True, follow_redirects=True)
         try:
-            yield RangeStream(response, start, stop, size, location.url)
+            yield RangeStream(response, start, stop, size, location.url, self._throttle)
         finally:
             await response.aclose()
 
@@ -234,8 +254,10 @@ class Upstream:
 class RangeStream:
     """The body of one range response, as an async iterator of byte strings."""
 
-    def __init__(self, response: httpx.Response, start: int, stop: int, size: int | None, url: str) -> None:
+    def __init__(self, response: httpx.Response, start: int, stop: int, size: int | None, url: str,
+                 throttle: Throttle | None = None) -> None:
         self.url = _redact(url)
+        self._throttle = throttle
         status = response.status_code
         if status in (401, 403, 404, 410):
             raise UpstreamUrlExpired(f"CDN answered {status} for {self.url}")
@@ -265,6 +287,8 @@ class RangeStream:
                     piece, self.skip = piece[drop:], self.skip - drop
                 if piece:
                     self._remaining -= len(piece)
+                    if self._throttle is not None:
+                        await self._throttle.take(len(piece))
                     yield piece
         if self._remaining > 0:
             raise UpstreamUnavailable(f"CDN closed the body {self._remaining} bytes early: {self.url}")
