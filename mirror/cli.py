@@ -38,6 +38,7 @@ from .metadata import Metadata
 from .models import CachedModel
 from .names import ModelRef
 from .progress import Progress, human
+from .protocol import guarded_protocol
 from .server import MirrorServer, bind, url_of
 
 log = logging.getLogger("mirror")
@@ -368,6 +369,7 @@ def serve(settings: Settings) -> None:
     _fewer_malloc_arenas()
     config = uvicorn.Config(
         create_app(settings),
+        http=guarded_protocol(settings.head_timeout),  # request heads must arrive in time and in bounds (slow loris)
         log_config=None,
         access_log=False,
         timeout_keep_alive=30,

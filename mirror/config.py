@@ -63,6 +63,7 @@ class Settings:
     allow_clients: str = ""  # CIDRs that may use the mirror (comma-separated); empty: anyone
     tokens: str = ""  # bearer tokens that may pull (comma-separated); empty: no token needed
     admin_listen: str = ""  # HOST:PORT for /metrics and the status page only; empty: on the main listener
+    head_timeout: float = 15.0  # seconds a client has to send a request head (slow-loris clients are dropped)
     log_format: str = "text"  # "text" or "json" (one object per line, for log shippers)
 
     def __post_init__(self) -> None:

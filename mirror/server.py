@@ -78,8 +78,8 @@ class MirrorServer(uvicorn.Server):
 
     async def _start_admin(self, sock: socket.socket) -> None:
         """The status page and /metrics on a listener of their own (e.g. 127.0.0.1 only)."""
-        config = uvicorn.Config(create_admin_app(self.config.app), log_config=None, access_log=False,
-                                timeout_keep_alive=self.config.timeout_keep_alive, lifespan="off")
+        config = uvicorn.Config(create_admin_app(self.config.app), http=self.config.http, log_config=None,
+                                access_log=False, timeout_keep_alive=self.config.timeout_keep_alive, lifespan="off")
         config.load()
 
         def admin_protocol() -> asyncio.Protocol:

@@ -265,6 +265,7 @@ class FakeRegistry:
         self.directory = directory
         self.manifests: dict[tuple[str, str], bytes] = {}
         self.requests: list[tuple[str, str, str]] = []  # (method, path, user-agent)
+        self.authorizations: list[str] = []  # every Authorization header it was sent
         self.require_token = False
         self.issued_tokens: set[str] = set()
         self.manifest_status: int | None = None  # force an answer for every manifest request
@@ -307,6 +308,8 @@ class FakeRegistry:
         path, method = scope["path"], scope["method"]
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.requests.append((method, path, headers.get("user-agent", "")))
+        if "authorization" in headers:
+            self.authorizations.append(headers["authorization"])
         if path == "/token":
             token = f"tok{random.getrandbits(32)}"
             self.issued_tokens.add(token)

@@ -1,0 +1,80 @@
+"""uvicorn's HTTP protocol with the two limits it lacks: time to send a request head, and its size.
+
+uvicorn closes idle keep-alive connections, but a client that sends its request head a
+byte at a time (slow loris) holds a connection for ever, and an endless header is read
+into memory. Each connection here must complete a request head within ``HEAD_TIMEOUT``
+seconds of its start (or of the request's first byte), in at most ``MAX_HEAD`` bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("mirror.access")
+
+HEAD_TIMEOUT = 15.0
+MAX_HEAD = 64 << 10
+
+
+def guarded_protocol(head_timeout: float) -> type[GuardedHttpProtocol]:
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"head_timeout": head_timeout})
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    head_timeout = HEAD_TIMEOUT  # a subclass per server sets the configured value
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes = 0
+        self._in_head = True
+        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout, self._head_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():  # all of it was head: no head end yet
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._refuse(431, "Request Header Fields Too Large", f"request head over {MAX_HEAD} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._in_head:  # the next request on a kept-alive connection
+            self._in_head, self._head_bytes = True, 0
+            self._restart_timer()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        super().connection_lost(exc)
+
+    def _restart_timer(self) -> None:
+        self._cancel_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
+
+    def _cancel_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            if self._head_bytes:  # a connection that sent nothing is just idle: no line for it
+                self._refuse(408, "Request Timeout", f"request head incomplete after {self.head_timeout:g}s")
+            else:
+                self.transport.close()
+
+    def _refuse(self, status: int, reason: str, why: str) -> None:
+        peer = self.transport.get_extra_info("peername") or ("?",)
+        log.warning("connection closed client=%s status=%d reason=%s", peer[0], status, why)
+        self._cancel_timer()
+        self._in_head = False
+        self.transport.write(f"HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        self.transport.close()
