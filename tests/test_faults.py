@@ -1,0 +1,122 @@
+"""Upstream faults through a fault-injecting proxy between the mirror and its fake CDN.
+
+For each fault, three clients wait on the same fill. A transient fault: the fill completes
+and every client gets the right bytes. A permanent one: every client gets an error
+promptly, nothing is stored, and once the fault is gone the next request fills the blob.
+Never is an unverified or wrong blob stored under its final name.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import MirrorFactory
+from .faultproxy import FaultProxy, ProxyFault
+from .fakes import Blob, FakeCDN, FakeRegistry, assert_store_verified, write_blob
+
+CLIENTS = 3
+FAST = {"stall_timeout": 1.5, "max_retries": 3, "connect_timeout": 2.0, "connections": 4}
+
+TRANSIENT = {
+    "reset": ProxyFault("reset", after=300_000, times=3),
+    "stall": ProxyFault("stall", after=200_000, times=2),
+    "trickle": ProxyFault("trickle", rate=400_000, times=2),
+    "500": ProxyFault("status", status=500, times=2),
+    "502": ProxyFault("status", status=502, times=2),
+    "503 Retry-After": ProxyFault("status", status=503, headers={"Retry-After": "1"}, times=2),
+    "429 Retry-After": ProxyFault("status", status=429, headers={"Retry-After": "1"}, times=2),
+    "429": ProxyFault("status", status=429, times=2),
+    "expired URL": ProxyFault("expired", times=1),
+    "short body": ProxyFault("short", after=5000, times=2),
+}
+PERMANENT = {
+    "reset": ProxyFault("reset", after=0, times=-1),  # after some bytes it would be progress: resumed, not failed
+    "stall": ProxyFault("stall", after=0, times=-1),
+    "500": ProxyFault("status", status=500, times=-1),
+    "503 Retry-After": ProxyFault("status", status=503, headers={"Retry-After": "1"}, times=-1),
+    "429": ProxyFault("status", status=429, times=-1),
+    "expired URL": ProxyFault("expired", times=-1),
+    "short body": ProxyFault("short", after=5000, times=-1),
+    "wrong bytes": ProxyFault("corrupt", after=123_456, times=-1),
+    "wrong bytes once": ProxyFault("corrupt", after=1000, times=1),  # a mismatch fails the fill all the same
+}
+
+
+@pytest.fixture
+def proxy(cdn: FakeCDN, registry: FakeRegistry) -> Iterator[FaultProxy]:
+    cdn_port = int(cdn.url.rsplit(":", 1)[1])
+    proxied = FaultProxy(cdn_port).start()
+    registry.cdn_url = proxied.url("localhost")  # the registry now redirects blob GETs through the proxy
+    yield proxied
+    proxied.stop()
+
+
+@pytest.fixture
+def blob(registry: FakeRegistry) -> Blob:
+    layer = write_blob(registry.directory, 3_000_000, seed=111)
+    registry.add_model("library/faulty", "1", [layer])
+    return layer
+
+
+def _get(url: str) -> bytes | Exception:
+    try:
+        with httpx.Client(timeout=60) as client:
+            response = client.get(url)
+            if response.status_code != 200:
+                return RuntimeError(f"{response.status_code} {response.text[:200]}")
+            return response.content
+    except httpx.HTTPError as exc:
+        return exc
+
+
+def _clients(url: str) -> list[bytes | Exception]:
+    with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+        return list(pool.map(_get, [url] * CLIENTS))
+
+
+def _stored(tmp_path: Path, blob: Blob) -> Path:
+    return tmp_path / "cache" / "blobs" / blob.digest.replace(":", "-")
+
+
+@pytest.mark.parametrize("name", list(TRANSIENT))
+def test_transient_fault_fill_completes_for_every_client(
+    name: str, proxy: FaultProxy, blob: Blob, start_mirror: MirrorFactory, tmp_path: Path
+) -> None:
+    fault = TRANSIENT[name]
+    proxy.inject(ProxyFault(**vars(fault)))
+    mirror = start_mirror(**FAST)
+    got = _clients(f"{mirror.url()}/v2/library/faulty/blobs/{blob.digest}")
+    expected = blob.path.read_bytes()
+    assert all(isinstance(g, bytes) and hashlib.sha256(g).hexdigest() == blob.digest[7:] for g in got), \
+        [repr(g)[:200] for g in got if not isinstance(g, bytes)]
+    assert got[0] == expected
+    assert proxy.struck, "the fault never struck"
+    assert _stored(tmp_path, blob).read_bytes() == expected
+    assert_store_verified(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", list(PERMANENT))
+def test_permanent_fault_fails_every_client_promptly_and_stores_nothing(
+    name: str, proxy: FaultProxy, blob: Blob, start_mirror: MirrorFactory, tmp_path: Path
+) -> None:
+    proxy.inject(ProxyFault(**vars(PERMANENT[name])))
+    mirror = start_mirror(**FAST)
+    url = f"{mirror.url()}/v2/library/faulty/blobs/{blob.digest}"
+    began = time.monotonic()
+    got = _clients(url)
+    assert all(isinstance(g, Exception) for g in got), [type(g).__name__ for g in got]
+    assert time.monotonic() - began < 45
+    assert not _stored(tmp_path, blob).exists()
+    assert_store_verified(tmp_path / "cache")
+
+    proxy.clear()  # the fault is gone: the next request tries again, and fills
+    again = _get(url)
+    assert isinstance(again, bytes) and again == blob.path.read_bytes()
+    assert_store_verified(tmp_path / "cache")
