@@ -7,6 +7,7 @@ scraped. Each app has its own registry, so several mirrors in one process stay a
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import Iterator
@@ -110,6 +111,7 @@ class _StateCollector(Collector):
     def __init__(self, mirror: Mirror, metrics: Metrics) -> None:
         self._mirror, self._metrics = mirror, metrics
         self._usage: tuple[float, int] = (0.0, 0)
+        self._loop = asyncio.get_running_loop()  # scrapes run in a thread: count this loop's tasks
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         mirror = self._mirror
@@ -120,6 +122,8 @@ class _StateCollector(Collector):
         fetched = self._metrics.fetched_done + sum(f.fetched for f in active)
         yield CounterMetricFamily("ollama_mirror_upstream_bytes", "Bytes fetched from upstream (with "
                                   "ollama_mirror_served_bytes_total: the bytes the cache saved).", value=fetched)
+        yield GaugeMetricFamily("ollama_mirror_event_loop_tasks", "Tasks alive on the server's event loop "
+                                "(a number that only grows is a leak).", value=len(asyncio.all_tasks(self._loop)))
         yield GaugeMetricFamily("ollama_mirror_store_bytes", "Bytes of blobs in the store.", value=self.usage())
         yield GaugeMetricFamily("ollama_mirror_disk_free_bytes", "Free space on the store's filesystem.",
                                 value=shutil.disk_usage(mirror.layout.root).free)
