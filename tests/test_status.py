@@ -15,7 +15,6 @@ import pytest
 from playwright.sync_api import Error as PlaywrightError
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import MirrorFactory
 from .fakes import FakeRegistry, MirrorProcess, write_blob
 
 CHROMIUM = "/usr/bin/chromium"
