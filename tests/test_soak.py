@@ -2,7 +2,7 @@
 
 No errors, no leaked descriptors or tasks, RSS flat from the first part to the last.
 ``SOAK_SECONDS`` sets the length (CI: a few seconds; a few minutes for a real soak:
-``SOAK_SECONDS=180 scripts/test tests/test_soak.py -s``). Prints requests/s and p99.
+``SOAK_SECONDS=180 scripts/test -m soak -s``). Prints requests/s and p99.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from .fakes import Blob, FakeRegistry, MirrorProcess, write_blob
 
@@ -115,6 +116,7 @@ async def _run(load: Load, seconds: float) -> None:
     await asyncio.gather(*(one(i) for i in range(CLIENTS)))
 
 
+@pytest.mark.soak
 def test_soak_300_clients_no_errors_no_leaks_flat_memory(registry: FakeRegistry, tmp_path: Path) -> None:
     warm = [write_blob(registry.directory, size, seed=120 + i) for i, size in enumerate((4_000_000, 1_000_000))]
     cold = [write_blob(registry.directory, 2_000_000, seed=130 + i) for i in range(4)]
