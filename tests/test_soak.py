@@ -165,6 +165,7 @@ def test_soak_300_clients_no_errors_no_leaks_flat_memory(registry: FakeRegistry,
           f"{p99_manifest * 1000:.0f} ms), "
           f"RSS {first:.0f} -> {last:.0f} MB (peak {max(rss):.0f}), fds {fds_before} -> {fds_after}, "
           f"tasks {tasks_before:.0f} -> {tasks_after:.0f}, mirror CPU {cpu / elapsed:.0%}, mix {load.kinds}")
+    print("rss samples", [round(r) for r in rss[::10]])
     assert not load.errors, load.errors[:10]
     assert fds_after <= fds_before + 5
     assert tasks_after <= tasks_before + 5
