@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import ssl
 import tempfile
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+log = logging.getLogger("mirror.proxy")
 CA_YEARS = 10
 LEAF_DAYS = 90  # minted per run and re-minted well before expiry: a mirror runs for months
 LEAF_REUSE_SECONDS = 30 * 86400
@@ -150,6 +152,7 @@ class ServerIdentities:
                 if server_name:
                     sock.context = self.context_for(server_name)
             except NotIntercepted:
+                log.warning("tls refused server_name=%s reason=not a host this mirror answers for", server_name)
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             return None
 

@@ -80,10 +80,18 @@ class ProxyProtocol(asyncio.Protocol):
         self.transport.pause_reading()
         head = bytes(self._head[:end])
         del self._head[: end + 4]
-        self._task = asyncio.get_running_loop().create_task(self._handle(head))
+        self._task = asyncio.get_running_loop().create_task(self._guarded(head))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.cancel()
+
+    async def _guarded(self, head: bytes) -> None:
+        try:
+            await self._handle(head)
+        except Exception as exc:  # a bug must not leave the connection hanging, nor go unseen
+            log.error("proxy failed client=%s: %r", self._peer(), exc, exc_info=exc)
+            if self.transport is not None:
+                self.transport.abort()
 
     async def _handle(self, head: bytes) -> None:
         line = head.split(b"\r\n", 1)[0].decode("latin-1")
