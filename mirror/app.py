@@ -183,8 +183,9 @@ def create_app(settings: Settings) -> Starlette:
             yield
 
     pages = status.public_root if settings.admin_listen else status.routes
-    guard = Middleware(AccessControl, networks=settings.client_networks, tokens=settings.token_set)
-    return _starlette([*ollama_api.routes, *pages, *registry_routes], lifespan, [guard])
+    guarded = settings.client_networks or settings.token_set  # no layer at all when nothing is guarded
+    guard = [Middleware(AccessControl, networks=settings.client_networks, tokens=settings.token_set)] if guarded else []
+    return _starlette([*ollama_api.routes, *pages, *registry_routes], lifespan, guard)
 
 
 def create_admin_app(main: Starlette) -> Starlette:

@@ -372,6 +372,7 @@ def serve(settings: Settings) -> None:
         http=guarded_protocol(settings.head_timeout),  # request heads must arrive in time and in bounds (slow loris)
         log_config=None,
         access_log=False,
+        proxy_headers=False,  # the client address is the socket's: no header may claim another (--allow-clients)
         timeout_keep_alive=30,
         timeout_graceful_shutdown=10,
         h11_max_incomplete_event_size=64 * 1024,
