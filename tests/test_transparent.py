@@ -259,3 +259,35 @@ def test_resolve_pins_an_upstream_host_to_an_address(registry: FakeRegistry, tmp
     assert asyncio.run(fetch({"registry.invalid": "127.0.0.1"})) == registry.manifests[("library/pinned", "latest")]
     with pytest.raises(Exception, match="registry.invalid"):
         asyncio.run(fetch({}))
+
+
+def test_one_mirror_serves_several_registries_each_under_its_own_host(
+    registry: FakeRegistry, cdn, tmp_path: Path
+) -> None:
+    """hf.co next to registry.ollama.ai: each host's tags fill from its own upstream and are
+    stored under its own name, so the cache stays a models directory for both."""
+    from .fakes import ServerThread
+
+    hub_dir = tmp_path / "hub"
+    hub_dir.mkdir()
+    hub = FakeRegistry(cdn, cdn.url, hub_dir)
+    hub_server = ServerThread(hub).start()
+    ours = write_blob(registry.directory, 200_000, seed=65)
+    theirs = write_blob(hub_dir, 300_000, seed=66)
+    ollama_manifest = registry.add_model("library/same", "latest", [ours])
+    hub_manifest = hub.add_model("library/same", "latest", [theirs])  # same name, another registry
+    mirror = TransparentMirror(tmp_path / "cache", registry, "--registry", f"hf.co={hub_server.url()}")
+    try:
+        with httpx.Client(proxy=mirror.proxy, verify=_trusting(mirror), timeout=30) as client:
+            a = client.get(f"https://{REGISTRY}/v2/library/same/manifests/latest")
+            b = client.get("https://hf.co/v2/library/same/manifests/latest")
+            assert a.content == ollama_manifest and b.content == hub_manifest
+            assert client.get(f"https://hf.co/v2/library/same/blobs/{theirs.digest}").content == \
+                theirs.path.read_bytes()
+    finally:
+        mirror.stop(signal.SIGTERM)
+        hub_server.stop()
+    manifests = tmp_path / "cache" / "manifests"
+    assert (manifests / REGISTRY / "library" / "same" / "latest").read_bytes() == ollama_manifest
+    assert (manifests / "hf.co" / "library" / "same" / "latest").read_bytes() == hub_manifest
+    assert hub.count("GET", "/manifests/") == 1 and registry.count("GET", "/manifests/") == 1
