@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 log = logging.getLogger("mirror.proxy")
 CA_YEARS = 10
-LEAF_DAYS = 90  # minted per run and re-minted well before expiry: a mirror runs for months
+LEAF_DAYS = 397  # the longest browsers accept; minted per run, and re-minted monthly while it runs
 LEAF_REUSE_SECONDS = 30 * 86400
 
 

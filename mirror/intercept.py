@@ -11,10 +11,11 @@ does not answer for.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +30,7 @@ CONNECT_TIMEOUT = 10.0
 _CONNECT_TARGET = re.compile(r"^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$")
 
 Decision = Literal["intercept", "tunnel", "refuse"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
 
@@ -38,6 +40,16 @@ class Policy:
 
     answers_for: Callable[[str], bool]  # mirrored registries and the CDNs they redirect to
     tunnel_hosts: set[str]  # "host" (port 443) or "host:port"
+    clients: Sequence[IPNetwork] = ()  # --allow-clients: who may use the proxy at all (empty: anyone)
+
+    def admits(self, peer: str) -> bool:
+        if not self.clients:
+            return True
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self.clients)
 
     def decide(self, host: str, port: int) -> Decision:
         host = host.lower().rstrip(".")
@@ -108,6 +120,11 @@ class ProxyProtocol(asyncio.Protocol):
             self._reply(400, f"CONNECT target {target[:100]!r} is not HOST:PORT")
             return
         host, port = match[1] or match[2], int(match[3])
+        peer = self._peer().rpartition(":")[0]
+        if not self._policy.admits(peer):
+            log.warning("proxy refused client=%s reason=not in --allow-clients", peer)
+            self._reply(403, "this client may not use the proxy")
+            return
         decision = self._policy.decide(host, port)
         if decision == "refuse":
             log.warning("proxy refused CONNECT %s:%d client=%s: not a mirrored registry and not on the tunnel "
@@ -181,7 +198,7 @@ class ProxyProtocol(asyncio.Protocol):
 
     def _peer(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if peer else "?"
+        return f"{peer[0]}:{peer[1]}" if peer else "?:0"
 
 
 class _Handover(asyncio.Protocol):

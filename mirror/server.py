@@ -62,7 +62,7 @@ class MirrorServer(uvicorn.Server):
                                       self._settings.tls_cert, self._settings.tls_key)
         loop = asyncio.get_running_loop()
         if self._proxy_sock is not None:
-            policy = Policy(mirror.answers_for, self._settings.tunnel_hosts)
+            policy = Policy(mirror.answers_for, self._settings.tunnel_hosts, self._settings.client_networks)
             server = await loop.create_server(lambda: ProxyProtocol(policy, identities, self._http_protocol),
                                               sock=self._proxy_sock, backlog=BACKLOG)
             self.servers.append(server)

@@ -157,7 +157,7 @@ def test_proxy_refuses_what_it_does_not_mirror(registry: FakeRegistry, transpare
     with socket.create_connection(("127.0.0.1", transparent.tls_port), timeout=10) as raw:
         with pytest.raises((ssl.SSLError, ConnectionResetError)):
             context.wrap_socket(raw, server_hostname="example.com").do_handshake()
-    assert "proxy refused CONNECT example.com:443" in transparent.log.read_text()
+    _wait_for(transparent.log, "proxy refused CONNECT example.com:443")
     assert not [p for p in transparent.ca.parent.iterdir() if p.name not in ("ca.pem", "ca.key")]
 
 
@@ -182,6 +182,15 @@ def test_proxy_tunnels_only_allowed_hosts(registry: FakeRegistry, tmp_path: Path
     finally:
         mirror.stop(signal.SIGTERM)
         echo.close()
+
+
+def test_proxy_honours_allowed_client_networks(registry: FakeRegistry, tmp_path: Path) -> None:
+    mirror = TransparentMirror(tmp_path / "cache", registry, "--allow-clients", "10.0.0.0/8")
+    try:
+        assert _connect(mirror.proxy, f"{REGISTRY}:443").startswith(b"HTTP/1.1 403")
+        _wait_for(mirror.log, "reason=not in --allow-clients")
+    finally:
+        mirror.stop(signal.SIGTERM)
 
 
 def test_dns_mode_tls_listener_answers_as_the_registry(
