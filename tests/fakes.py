@@ -100,6 +100,17 @@ def write_blob(directory: Path, size: int, seed: int) -> Blob:
     return Blob(path, size, digest)
 
 
+def wait_for_text(path: Path, pattern: str, timeout: float = 30.0) -> str:
+    """The file's text once ``pattern`` (a regex) appears in it: log lines are written by a thread."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} not in {path}:\n{path.read_text()[-3000:] if path.exists() else ''}")
+
+
 def wait_for_file(path: Path, timeout: float = 30.0) -> Path:
     """Clients may finish reading a fill a moment before it is verified and published."""
     deadline = time.monotonic() + timeout

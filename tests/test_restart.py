@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .fakes import FakeRegistry, MirrorProcess, assert_store_verified, write_blob
+from .fakes import FakeRegistry, MirrorProcess, assert_store_verified, wait_for_text, write_blob
 
 MB = 1_000_000
 
@@ -59,7 +59,7 @@ def test_fill_resumes_after_restart(registry: FakeRegistry, tmp_path: Path, proc
     after = registry.cdn.bytes_by_digest[blob.digest] - before
     assert after < 0.7 * blob.size, f"refetched {after} of {blob.size} bytes after restart"
     assert registry.cdn.bytes_by_digest[blob.digest] < 1.25 * blob.size
-    assert "resumed=" in second.log.read_text()
+    wait_for_text(second.log, "resumed=")
     assert_store_verified(cache)
     assert not list((cache / ".mirror" / "staging").glob("*.data"))
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from .fakes import FakeRegistry, MirrorProcess, write_blob
+from .fakes import FakeRegistry, MirrorProcess, wait_for_text, write_blob
 
 REGISTRY = "registry.ollama.ai"
 
@@ -32,20 +32,10 @@ class TransparentMirror(MirrorProcess):
     def __init__(self, cache: Path, registry: FakeRegistry, *extra: str) -> None:
         super().__init__(cache, registry.url, "transparent", "--registry", f"{REGISTRY}={registry.url}",
                          "--proxy-listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0", *extra)
-        text = _wait_for(self.log, r"tls ready url=(\S+)")
+        text = wait_for_text(self.log, r"tls ready url=(\S+)")
         self.proxy = re.findall(r"proxy ready url=(\S+)", text)[-1]
         self.tls_port = int(re.findall(r"tls ready url=\S+:(\d+)", text)[-1])
         self.ca = cache / ".mirror" / "ca" / "ca.pem"
-
-
-def _wait_for(log: Path, pattern: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text()
-        if re.search(pattern, text):
-            return text
-        time.sleep(0.05)
-    raise AssertionError(f"{pattern!r} not in the mirror's log:\n{log.read_text()}")
 
 
 @pytest.fixture
@@ -157,7 +147,7 @@ def test_proxy_refuses_what_it_does_not_mirror(registry: FakeRegistry, transpare
     with socket.create_connection(("127.0.0.1", transparent.tls_port), timeout=10) as raw:
         with pytest.raises((ssl.SSLError, ConnectionResetError)):
             context.wrap_socket(raw, server_hostname="example.com").do_handshake()
-    _wait_for(transparent.log, "proxy refused CONNECT example.com:443")
+    wait_for_text(transparent.log, "proxy refused CONNECT example.com:443")
     assert not [p for p in transparent.ca.parent.iterdir() if p.name not in ("ca.pem", "ca.key")]
 
 
@@ -188,7 +178,7 @@ def test_proxy_honours_allowed_client_networks(registry: FakeRegistry, tmp_path:
     mirror = TransparentMirror(tmp_path / "cache", registry, "--allow-clients", "10.0.0.0/8")
     try:
         assert _connect(mirror.proxy, f"{REGISTRY}:443").startswith(b"HTTP/1.1 403")
-        _wait_for(mirror.log, "reason=not in --allow-clients")
+        wait_for_text(mirror.log, "reason=not in --allow-clients")
     finally:
         mirror.stop(signal.SIGTERM)
 
