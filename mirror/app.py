@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from . import ollama_api, status
-from .access import AccessControl
+from .access import AccessControl, load_keys
 from .blobs import BlobService
 from .config import Settings
 from .errors import MirrorError, NameInvalid
@@ -183,8 +183,10 @@ def create_app(settings: Settings) -> Starlette:
             yield
 
     pages = status.public_root if settings.admin_listen else status.routes
-    guarded = settings.client_networks or settings.token_set  # no layer at all when nothing is guarded
-    guard = [Middleware(AccessControl, networks=settings.client_networks, tokens=settings.token_set)] if guarded else []
+    keys = load_keys(settings.keys_file) if settings.keys_file else {}
+    guarded = settings.client_networks or settings.token_set or keys  # no layer at all when nothing is guarded
+    guard = [Middleware(AccessControl, networks=settings.client_networks, tokens=settings.token_set,
+                        keys=keys)] if guarded else []
     return _starlette([*ollama_api.routes, *pages, *registry_routes], lifespan, guard)
 
 

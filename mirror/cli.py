@@ -20,6 +20,7 @@ from pathlib import Path
 import uvicorn
 
 from . import __version__, eviction, logs, models, seeding
+from .access import load_keys
 from .app import create_app, open_mirror
 from .ca import CertificateAuthority
 from .config import (
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-clients", help="CIDRs that may use the mirror, comma-separated (anyone)")
     serve.add_argument("--token", action="append", dest="tokens", metavar="TOKEN",
                        help="a bearer token that may pull (repeatable; better in the config file)")
+    serve.add_argument("--keys-file", help="Ollama public keys (lines of ~/.ollama/id_ed25519.pub) that may pull")
     serve.add_argument("--admin-listen", help="HOST:PORT for /metrics and the status page only")
     serve.add_argument("--proxy-listen", help="HOST:PORT for clients with HTTPS_PROXY (transparent mode)")
     serve.add_argument("--tls-listen", help="HOST:PORT answering TLS as the mirrored hosts (LAN DNS override)")
@@ -115,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "manifest_ttl", "log_level", "lock",
                  "allow_networks", "registries", "proxy_listen", "tls_listen", "tls_cert", "tls_key",
                  "tunnel_allow", "resolve", "max_size", "min_free", "upstream_connections", "upstream_rate",
-                 "allow_clients", "tokens", "admin_listen", "log_format"}
+                 "allow_clients", "tokens", "keys_file", "admin_listen", "log_format"}
 LIST_FLAGS = {"registries", "resolve", "tokens"}  # repeatable flags, joined into one comma-separated setting
 
 
@@ -362,6 +364,11 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 def serve(settings: Settings) -> None:
     """Bind first, so the log names the real port (``--listen 127.0.0.1:0`` in tests)."""
+    if settings.keys_file is not None:
+        try:
+            load_keys(settings.keys_file)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"ollama-mirror: keys_file: {exc}")
     sock = _bind_or_exit("listen", settings.listen)
     proxy_sock = _bind_or_exit("proxy-listen", settings.proxy_listen) if settings.proxy_listen else None
     tls_sock = _bind_or_exit("tls-listen", settings.tls_listen) if settings.tls_listen else None

@@ -62,6 +62,7 @@ class Settings:
     upstream_rate: str = ""  # bandwidth cap for all fills together, bytes/s ("50M"); empty: none
     allow_clients: str = ""  # CIDRs that may use the mirror (comma-separated); empty: anyone
     tokens: str = ""  # bearer tokens that may pull (comma-separated); empty: no token needed
+    keys_file: Path | None = None  # Ollama public keys (id_ed25519.pub lines) whose machines may pull
     admin_listen: str = ""  # HOST:PORT for /metrics and the status page only; empty: on the main listener
     head_timeout: float = 15.0  # seconds a client has to send a request head (slow-loris clients are dropped)
     log_format: str = "text"  # "text" or "json" (one object per line, for log shippers)
@@ -232,7 +233,7 @@ SettingSources = dict[str, str]  # setting -> where its value came from
 
 
 def _kinds() -> dict[str, type]:
-    return {f.name: (Path if f.name in ("cache_dir", "lock", "tls_cert", "tls_key") else type(f.default))
+    return {f.name: (Path if f.name in ("cache_dir", "lock", "tls_cert", "tls_key", "keys_file") else type(f.default))
             for f in fields(Settings)}
 
 

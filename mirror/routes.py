@@ -77,7 +77,8 @@ def _blob_response(request: Request, body: BlobBody) -> BlobResponse:
     except Exception:
         body.close()
         raise
-    return BlobResponse(body, spans, str(request.url.replace(query="")))
+    grant = getattr(request.state, "grant", None)  # access control's capability for this blob path
+    return BlobResponse(body, spans, str(request.url.replace(query=f"grant={grant}" if grant else "")))
 
 
 async def _cdn_blob(request: Request, registry: Registry, digest: Digest) -> Response | BlobResponse:
