@@ -102,7 +102,7 @@ class AccessControl:
 
     def _check_network(self, scope: Scope) -> None:
         client = _client(scope)
-        if self._networks and not self._in_networks(client):
+        if self._networks and not in_networks(client, self._networks):
             self._warn(client, f"refused client={client} reason=not in --allow-clients")
             raise Denied(f"{client} may not use this mirror (not in its allowed networks)")
 
@@ -179,17 +179,19 @@ class AccessControl:
         self._nonces[nonce] = True
         return name
 
-    def _in_networks(self, client: str) -> bool:
-        try:
-            address = ipaddress.ip_address(client)
-        except ValueError:
-            return False
-        return any(address in network for network in self._networks)
-
     def _warn(self, client: str, line: str) -> None:
         if client not in self._warned:
             self._warned[client] = True
             log.warning(line)
+
+
+def in_networks(client: str, networks: Sequence[IPNetwork]) -> bool:
+    """Whether the address ``client`` lies in one of ``networks`` (an unreadable address does not)."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
 
 
 def _client(scope: Scope) -> str:

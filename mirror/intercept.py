@@ -11,7 +11,6 @@ does not answer for.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import re
 import ssl
@@ -19,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from .access import IPNetwork, in_networks
 from .ca import NotIntercepted, ServerIdentities
 
 log = logging.getLogger("mirror.proxy")
@@ -30,7 +30,6 @@ CONNECT_TIMEOUT = 10.0
 _CONNECT_TARGET = re.compile(r"^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$")
 
 Decision = Literal["intercept", "tunnel", "refuse"]
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
 
@@ -43,13 +42,7 @@ class Policy:
     clients: Sequence[IPNetwork] = ()  # --allow-clients: who may use the proxy at all (empty: anyone)
 
     def admits(self, peer: str) -> bool:
-        if not self.clients:
-            return True
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(address in network for network in self.clients)
+        return not self.clients or in_networks(peer, self.clients)
 
     def decide(self, host: str, port: int) -> Decision:
         host = host.lower().rstrip(".")
