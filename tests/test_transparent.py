@@ -290,3 +290,26 @@ def test_one_mirror_serves_several_registries_each_under_its_own_host(
     assert (manifests / REGISTRY / "library" / "same" / "latest").read_bytes() == ollama_manifest
     assert (manifests / "hf.co" / "library" / "same" / "latest").read_bytes() == hub_manifest
     assert hub.count("GET", "/manifests/") == 1 and registry.count("GET", "/manifests/") == 1
+
+
+def test_dns_mode_with_the_admins_own_certificate(registry: FakeRegistry, tmp_path: Path) -> None:
+    """--tls-cert/--tls-key: a certificate from the office's own CA instead of the mirror's."""
+    from mirror.ca import CertificateAuthority
+
+    office = CertificateAuthority(tmp_path / "office-ca")
+    office.init("office CA")
+    cert_pem, key_pem = office.mint(REGISTRY)
+    (tmp_path / "tls.pem").write_bytes(cert_pem + office.certificate_pem())
+    (tmp_path / "tls.key").write_bytes(key_pem)
+    manifest = registry.add_model("library/own", "latest", [write_blob(registry.directory, 1000, seed=67)])
+    mirror = TransparentMirror(tmp_path / "cache", registry, "--tls-cert", str(tmp_path / "tls.pem"),
+                               "--tls-key", str(tmp_path / "tls.key"))
+    try:
+        got = subprocess.run(["curl", "-sSf", "--resolve", f"{REGISTRY}:{mirror.tls_port}:127.0.0.1",
+                              "--cacert", str(office.cert_path),
+                              f"https://{REGISTRY}:{mirror.tls_port}/v2/library/own/manifests/latest"],
+                             capture_output=True)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == manifest
+    finally:
+        mirror.stop(signal.SIGTERM)
