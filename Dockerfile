@@ -10,7 +10,9 @@ RUN pip install --no-cache-dir . && rm -rf /root/.cache
 ENV OLLAMA_MIRROR_LISTEN=0.0.0.0:11435 \
     OLLAMA_MIRROR_CACHE_DIR=/var/cache/ollama-mirror
 VOLUME ["/var/cache/ollama-mirror"]
-EXPOSE 11435
+# 11435: the registry (and the status page, /metrics). For transparent mode add
+# OLLAMA_MIRROR_PROXY_LISTEN=0.0.0.0:3128 and publish 3128; the CA lives in the volume.
+EXPOSE 11435 3128
 USER mirror
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:11435/v2/', timeout=4)"
