@@ -507,6 +507,7 @@ class FillEngine:
         self._fills: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.finished: list[Callable[[Fill], None]] = []  # told of every fill that ended (metrics, eviction)
+        self.closed = False
 
     def get(self, digest: Digest) -> Fill | None:
         return self._fills.get(digest)
@@ -524,6 +525,8 @@ class FillEngine:
         fill = self._fills.get(digest)
         if fill is not None and fill.state is not FillState.FAILED:
             return fill
+        if self.closed:
+            raise FillFailed("the mirror is shutting down; the fill resumes when it is back")
         fill = Fill(
             name, digest, size, store=self._store, meta=self._meta, upstream=upstream,
             settings=self._settings,
@@ -542,7 +545,8 @@ class FillEngine:
             listener(fill)
 
     async def close(self) -> None:
-        """Cancel every fill; each saves its progress on the way out."""
+        """Cancel every fill and start no more; each saves its progress on the way out."""
+        self.closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

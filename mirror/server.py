@@ -76,6 +76,14 @@ class MirrorServer(uvicorn.Server):
             log.info("tls ready url=%s answers_for=%s", url_of(self._tls_sock, "https"),
                      ",".join(sorted(mirror.registries)))
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Pause fills first: clients following a fill would otherwise hold the graceful
+        shutdown open while the fill runs on, and a stop would take the full timeout."""
+        mirror = getattr(self.config.app.state, "mirror", None)
+        if mirror is not None:
+            await mirror.engine.close()
+        await super().shutdown(sockets=sockets)
+
     async def _start_admin(self, sock: socket.socket) -> None:
         """The status page and /metrics on a listener of their own (e.g. 127.0.0.1 only)."""
         config = uvicorn.Config(create_admin_app(self.config.app), http=self.config.http, log_config=None,

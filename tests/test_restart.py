@@ -64,6 +64,34 @@ def test_fill_resumes_after_restart(registry: FakeRegistry, tmp_path: Path, proc
     assert not list((cache / ".mirror" / "staging").glob("*.data"))
 
 
+def test_sigterm_with_a_client_mid_stream_pauses_the_fill_at_once(
+    registry: FakeRegistry, tmp_path: Path, processes: list[MirrorProcess]
+) -> None:
+    """A client following a slow fill must not hold ``systemctl stop`` open until the
+    fill ends: the fill pauses with its progress saved and the client's stream is cut."""
+    blob = write_blob(registry.directory, 64 * MB, seed=33)
+    registry.add_model("library/big", "latest", [blob])
+    registry.cdn.rate = 0.5 * MB  # the fill would take about 16 s on 8 connections
+    processes.append(mirror := MirrorProcess(tmp_path / "cache", registry.url, "first"))
+    received = 0
+    with httpx.stream("GET", f"{mirror.url}/v2/library/big/blobs/{blob.digest}", timeout=30) as r:
+        assert r.status_code == 200
+        chunks = r.iter_raw()
+        while received < 4 * MB:
+            received += len(next(chunks))
+        started = time.monotonic()
+        mirror.process.send_signal(signal.SIGTERM)
+        with pytest.raises(httpx.HTTPError):  # the body ends short: the client knows to retry
+            for chunk in chunks:
+                received += len(chunk)
+        assert mirror.process.wait(30) == 0
+    took = time.monotonic() - started
+    assert took < 5, f"stop took {took:.1f} s with a client following the fill"
+    assert received < blob.size
+    log = mirror.log.read_text()
+    assert "fill paused" in log and "fill done" not in log, log[-2000:]
+
+
 def test_sigkill_at_random_moments_of_fills_manifest_writes_and_evictions(
     registry: FakeRegistry, tmp_path: Path, processes: list[MirrorProcess]
 ) -> None:
