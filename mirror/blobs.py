@@ -8,6 +8,7 @@ Either way the HTTP layer sees the same thing: an async iterator of bytes for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections import Counter
@@ -53,24 +54,29 @@ class BlobBody:
             self._serving = None
 
     async def iter_span(self, start: int, stop: int, read_size: ReadSize) -> AsyncIterator[bytes]:
+        """The bytes of ``[start, stop)``, read into memory (for TLS connections)."""
+        async with contextlib.aclosing(self.extents(start, stop, read_size)) as extents:
+            async for fd, position, length in extents:
+                data = await asyncio.to_thread(read_at, fd, position, length)
+                if len(data) < length:
+                    raise FillFailed(f"blob {self.digest.short} is shorter than {self.size} bytes on disk")
+                yield data
+
+    async def extents(self, start: int, stop: int, limit: ReadSize) -> AsyncIterator[tuple[int, int, int]]:
+        """``(fd, position, length)`` runs covering ``[start, stop)`` in order, each on disk when
+        yielded and at most ``limit()`` long: what sendfile or a read can take."""
         if self._fill is None:
-            async for data in self._iter_file(start, stop, read_size):
-                yield data
+            assert self._fd is not None
+            position = start
+            while position < stop:
+                n = min(limit(), stop - position)
+                yield self._fd, position, n
+                position += n
         else:
-            async for data in self._iter_fill(self._fill, start, stop, read_size):
-                yield data
+            async for extent in self._follow(self._fill, start, stop, limit):
+                yield extent
 
-    async def _iter_file(self, start: int, stop: int, read_size: ReadSize) -> AsyncIterator[bytes]:
-        assert self._fd is not None
-        position = start
-        while position < stop:
-            data = await asyncio.to_thread(read_at, self._fd, position, min(read_size(), stop - position))
-            if not data:
-                raise FillFailed(f"blob {self.digest.short} is shorter than {self.size} bytes on disk")
-            position += len(data)
-            yield data
-
-    async def _iter_fill(self, fill: Fill, start: int, stop: int, read_size: ReadSize) -> AsyncIterator[bytes]:
+    async def _follow(self, fill: Fill, start: int, stop: int, limit: ReadSize) -> AsyncIterator[tuple[int, int, int]]:
         """Follow the fill. A whole-blob response keeps its last bytes until the digest is
         verified, so a client that does not hash (curl) never gets wrong bytes with a clean end."""
         whole = start == 0 and stop == self.size
@@ -78,19 +84,19 @@ class BlobBody:
         try:
             position = start
             while position < stop:
-                n = fill.available(position, min(read_size(), stop - position))
+                n = fill.available(position, min(limit(), stop - position))
                 if n == 0:
                     fill.raise_if_failed()
                     await fill.wait_progress(demand)
                     continue
                 if self._fd is None:
                     self._fd = fill.reader_fd()
-                data = await asyncio.to_thread(read_at, self._fd, position, n)
-                position += len(data)
+                extent = (self._fd, position, n)
+                position += n
                 demand.position, demand.waiting_since = position, None
                 if whole and position == stop:
                     await fill.verified()
-                yield data
+                yield extent
         finally:
             fill.remove_demand(demand)
 

@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import zerocopy
+
 access = logging.getLogger("mirror.access")
 
 
@@ -92,6 +94,8 @@ class AccessLog:
                 sent["status"] = message["status"]
             elif message["type"] == "http.response.body":
                 sent["bytes"] += len(message.get("body", b""))
+            elif message["type"] == zerocopy.EXTENSION:
+                sent["bytes"] += message["count"]
             await send(message)
 
         try:

@@ -1,9 +1,10 @@
-"""uvicorn's HTTP protocol with the two limits it lacks: time to send a request head, and its size.
+"""uvicorn's HTTP protocol with what it lacks: limits on the request head, and sendfile.
 
 uvicorn closes idle keep-alive connections, but a client that sends its request head a
 byte at a time (slow loris) holds a connection for ever, and an endless header is read
 into memory. Each connection here must complete a request head within ``HEAD_TIMEOUT``
 seconds of its start (or of the request's first byte), in at most ``MAX_HEAD`` bytes.
+Plain-TCP requests also get the zero-copy extension of ``zerocopy``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import asyncio
 import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from . import zerocopy
 
 log = logging.getLogger("mirror.access")
 
@@ -48,7 +51,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_timer()
+        previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle is not previous:
+            zerocopy.install(self.cycle)  # before the app's task first runs
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from . import errors
+from . import errors, zerocopy
 from .blobs import BlobBody
 from .errors import MirrorError, UpstreamRefused
 from .manifests import CachedManifest
@@ -128,7 +128,8 @@ class BlobResponse:
         headers["Content-Length"] = str(length)
         await send({"type": "http.response.start", "status": status, "headers": _encode(headers)})
         BlobResponse.active += 1
-        body = asyncio.ensure_future(self._send_body(send, parts))
+        zero_copy = zerocopy.EXTENSION in scope.get("extensions", {})
+        body = asyncio.ensure_future(self._send_body(send, parts, zero_copy))
         watcher = asyncio.ensure_future(_until_disconnect(receive))
         try:
             await asyncio.wait({body, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -172,16 +173,25 @@ class BlobResponse:
             f"Content-Range: {span.content_range(size)}\r\n\r\n"
         ).encode()
 
-    async def _send_body(self, send: Send, parts: Iterable[tuple[bytes, Span]]) -> None:
+    async def _send_body(self, send: Send, parts: Iterable[tuple[bytes, Span]], zero_copy: bool) -> None:
         for header, span in parts:
             if header:
                 await send({"type": "http.response.body", "body": header, "more_body": True})
-            if span.length:
+            if span.length and zero_copy:
+                await self._sendfile_span(send, span)
+            elif span.length:
                 iterator = self.body.iter_span(span.start, span.stop, self._read_size)
                 async with contextlib.aclosing(iterator) as chunks:
                     async for data in chunks:
                         await send({"type": "http.response.body", "body": data, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _sendfile_span(self, send: Send, span: Span) -> None:
+        """The kernel copies: a stored blob in one call, a filling one run by run as it lands."""
+        async with contextlib.aclosing(self.body.extents(span.start, span.stop, _unlimited)) as extents:
+            async for fd, position, length in extents:
+                await send({"type": zerocopy.EXTENSION, "fd": fd, "offset": position, "count": length,
+                            "more_body": True})
 
 
 class HeadResponse(Response):
@@ -189,6 +199,10 @@ class HeadResponse(Response):
 
     def __init__(self, headers: Mapping[str, str], status: int = 200) -> None:
         super().__init__(b"", status, headers=dict(headers))
+
+
+def _unlimited() -> int:
+    return 1 << 62
 
 
 async def _until_disconnect(receive: Receive) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from mirror import Settings, create_app
 from mirror import logs as mirror_logs
+from mirror.protocol import guarded_protocol
 
 from .fakes import FakeCDN, FakeRegistry, ServerThread
 from .real_ollama import OllamaServer, require_venv
@@ -55,7 +56,9 @@ def start_mirror(registry: FakeRegistry, tmp_path: Path) -> Iterator[MirrorFacto
         values: dict[str, object] = {"cache_dir": tmp_path / "cache", "upstream": registry.url,
                                      "listen": "127.0.0.1:0"}
         values.update(overrides)
-        server = ServerThread(create_app(Settings(**values))).start()  # type: ignore[arg-type]
+        settings = Settings(**values)  # type: ignore[arg-type]
+        # The protocol `serve` runs: head limits, and sendfile for blob bodies.
+        server = ServerThread(create_app(settings), http=guarded_protocol(settings.head_timeout)).start()
         servers.append(server)
         return server
 

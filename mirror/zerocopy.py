@@ -1,0 +1,102 @@
+"""Blob bytes by ``sendfile(2)``: from the file on disk straight into the client's socket.
+
+uvicorn offers ASGI apps no zero-copy extension, and uvloop has no ``loop.sendfile``, so
+each served byte would be read into Python and copied out again: on two cores, that copy
+is what a warm blob or a ten-client fill costs. Plain-TCP connections get the
+``mirror.sendfile`` extension here; a response sends::
+
+    {"type": "mirror.sendfile", "fd": fd, "offset": o, "count": n, "more_body": True}
+
+and the kernel moves the bytes. TLS connections (transparent mode) keep the copying path:
+their bytes must pass through the TLS layer in user space.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from starlette.types import Message, Send
+
+EXTENSION = "mirror.sendfile"
+DRAIN_POLL = 0.002  # seconds between checks that the transport sent what it had queued
+
+
+def install(cycle: Any) -> None:
+    """Offer the extension to the app behind uvicorn's request ``cycle`` on plain TCP.
+
+    Called before the app task first runs, so the app sees the extension and the wrapped send.
+    """
+    transport = cycle.transport
+    if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("socket") is None:
+        return
+    send: Send = cycle.send
+
+    async def send_or_sendfile(message: Message) -> None:
+        if message["type"] == EXTENSION:
+            await _sendfile(cycle, send, message)
+        else:
+            await send(message)
+
+    cycle.scope.setdefault("extensions", {})[EXTENSION] = {}
+    cycle.send = send_or_sendfile
+
+
+async def _sendfile(cycle: Any, send: Send, message: Message) -> None:
+    """Send ``count`` bytes of ``fd`` from ``offset``, then let uvicorn account for them."""
+    count, more_body = message["count"], message.get("more_body", False)
+    if not cycle.response_started or cycle.response_complete or cycle.chunked_encoding:
+        raise RuntimeError(f"{EXTENSION} needs a started response with a Content-Length")
+    if count > cycle.expected_content_length:
+        raise RuntimeError("Response content longer than Content-Length")
+    if not await _drained(cycle):
+        return
+    if count:
+        sent = await _send_all(cycle, message["fd"], message.get("offset", 0), count)
+        if sent < count:
+            return  # the client left: uvicorn's send below would be a no-op too
+        cycle.expected_content_length -= count
+    await send({"type": "http.response.body", "body": b"", "more_body": more_body})
+
+
+async def _drained(cycle: Any) -> bool:
+    """Wait until bytes queued in the transport (headers, a part header) reached the socket,
+    so ours cannot overtake them; False when the client left meanwhile."""
+    while cycle.transport.get_write_buffer_size() and not cycle.disconnected:
+        await asyncio.sleep(DRAIN_POLL)
+    return not cycle.disconnected
+
+
+async def _send_all(cycle: Any, fd: int, offset: int, count: int) -> int:
+    """sendfile on a duplicate of the socket's descriptor: the event loop's watchers belong to
+    the transport, and the duplicate stays valid even if the transport closes the original.
+    Returns the bytes sent; fewer than ``count`` only when the client went away."""
+    loop = asyncio.get_running_loop()
+    out = os.dup(cycle.transport.get_extra_info("socket").fileno())
+    sent = 0
+    try:
+        while sent < count and not cycle.disconnected:
+            try:
+                n = os.sendfile(out, fd, offset + sent, count - sent)
+            except BlockingIOError:
+                await _writable(loop, out)
+                continue
+            except (BrokenPipeError, ConnectionError):
+                cycle.disconnected = True
+                break
+            if n == 0:
+                raise OSError(f"file ended {count - sent} bytes early at offset {offset + sent}")
+            sent += n
+    finally:
+        os.close(out)
+    return sent
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready = loop.create_future()
+    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
