@@ -1,0 +1,61 @@
+"""Blob bodies by sendfile on plain TCP: right bytes, kept-alive connections, clients that hang up."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+
+from mirror import blobs
+
+from .fakes import Blob, FakeRegistry, ServerThread, write_blob
+
+MB = 1_000_000
+
+
+@pytest.fixture
+def big(registry: FakeRegistry) -> Blob:
+    blob = write_blob(registry.directory, 24 * MB, seed=71)
+    registry.add_model("library/big", "latest", [blob])
+    return blob
+
+
+def test_stored_blob_is_sent_without_reading_it_into_python(
+    mirror: ServerThread, big: Blob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole, one range and several ranges, one after another on one kept-alive connection."""
+    url = f"{mirror.url()}/v2/library/big/blobs/{big.digest}"
+    data = big.path.read_bytes()
+    with httpx.Client(timeout=60) as client:
+        assert client.get(url).content == data  # fills it
+        reads: list[int] = []
+        real_read_at = blobs.read_at
+        monkeypatch.setattr(blobs, "read_at", lambda fd, at, n: reads.append(n) or real_read_at(fd, at, n))
+        for _ in range(2):
+            assert client.get(url).content == data
+            r = client.get(url, headers={"Range": "bytes=1000-5000999"})
+            assert r.status_code == 206 and r.content == data[1000:5001000]
+            r = client.get(url, headers={"Range": "bytes=0-9,20000000-"})
+            assert r.status_code == 206 and int(r.headers["content-length"]) == len(r.content)
+            boundary = r.headers["content-type"].split("boundary=")[1].encode()
+            parts = [p for p in r.content.split(b"--" + boundary) if p.strip() not in (b"", b"--")]
+            assert [p.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n") for p in parts] == [data[:10], data[20_000_000:]]
+    assert reads == []
+
+
+def test_a_client_hanging_up_mid_body_leaves_the_connection_and_blob_free(mirror: ServerThread, big: Blob) -> None:
+    url = f"{mirror.url()}/v2/library/big/blobs/{big.digest}"
+    assert httpx.get(url, timeout=60).content == big.path.read_bytes()
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", mirror.port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # the server blocks on a full socket
+            sock.sendall(f"GET /v2/library/big/blobs/{big.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    state = mirror.server.config.app.state.mirror
+    deadline = time.monotonic() + 10
+    while state.busy():  # a blob being served is never evicted: it must be let go
+        assert time.monotonic() < deadline, state.busy()
+        time.sleep(0.05)
+    assert httpx.get(url, headers={"Range": "bytes=-100"}).content == big.path.read_bytes()[-100:]
