@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
+import functools
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -90,9 +91,9 @@ class Mirror:
         served = {d for r in self.registries.values() for d in r.blobs.serving}
         return served | {fill.digest for fill in self.engine.active}
 
-    @property
+    @functools.cached_property
     def default(self) -> Registry:
-        """The registry named-mode requests and host-less model names mean."""
+        """The registry named-mode requests and host-less model names mean (asked per request)."""
         return self.registries[self.settings.default_host]
 
     def registry(self, host: str | None) -> Registry:

@@ -31,6 +31,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._zero_copy = zerocopy.supported(transport)
         self._head_bytes = 0
         self._in_head = True
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout, self._head_too_slow)
@@ -53,7 +54,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._cancel_timer()
         previous = self.cycle
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle is not previous:
+        if self._zero_copy and self.cycle is not None and self.cycle is not previous:
             zerocopy.install(self.cycle)  # before the app's task first runs
 
     def connection_lost(self, exc: Exception | None) -> None:

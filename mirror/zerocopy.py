@@ -23,14 +23,14 @@ EXTENSION = "mirror.sendfile"
 DRAIN_POLL = 0.002  # seconds between checks that the transport sent what it had queued
 
 
-def install(cycle: Any) -> None:
-    """Offer the extension to the app behind uvicorn's request ``cycle`` on plain TCP.
+def supported(transport: asyncio.BaseTransport) -> bool:
+    """Plain TCP: the bytes may skip user space (asked once per connection)."""
+    return transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
 
-    Called before the app task first runs, so the app sees the extension and the wrapped send.
-    """
-    transport = cycle.transport
-    if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("socket") is None:
-        return
+
+def install(cycle: Any) -> None:
+    """Offer the extension to the app behind uvicorn's request ``cycle`` (on a ``supported``
+    connection). Called before the app task first runs, so the app sees the wrapped send."""
     send: Send = cycle.send
 
     async def send_or_sendfile(message: Message) -> None:

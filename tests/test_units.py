@@ -183,3 +183,31 @@ allow_clients = ["10.0.0.0/8", "192.168.1.0/24"]
         config.write_text(text)
         with pytest.raises(SettingsError, match=key):
             load_settings({}, {}, config)
+
+
+def test_log_lines_are_written_whole_in_order_as_they_were_at_logging_time() -> None:
+    """The writer thread formats later: a mutable argument must still read as it was, and
+    a burst of lines and a traceback all reach stderr by the time the process exits."""
+    program = """
+import logging
+from mirror import logs
+logs.configure("info")
+log = logging.getLogger("mirror")
+state = ["before"]
+log.info("state=%s", state)
+state[0] = "after"
+for i in range(3000):
+    log.info("line %d digest=%s", i, "abc")
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("it broke")
+"""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    lines = result.stderr.splitlines()
+    assert "state=['before']" in lines[0]
+    assert [int(line.split("mirror: line ")[1].split()[0]) for line in lines if "mirror: line " in line] == list(range(3000))
+    assert "it broke" in result.stderr and "ZeroDivisionError" in result.stderr
