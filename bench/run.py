@@ -18,7 +18,6 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -145,10 +144,9 @@ class Bench:
     def _ttfb_at_90(self, name: str, digest: str) -> float:
         """The Ollama pattern: the fill starts from offset 0, then a part asks for 90% in."""
         mirror = self.mirror()
+        url = f"{mirror.url}/v2/{name}/blobs/{digest}"
+        starter = subprocess.Popen(["curl", "-s", "-o", "/dev/null", url])  # cut short when the mirror stops
         try:
-            url = f"{mirror.url}/v2/{name}/blobs/{digest}"
-            starter = threading.Thread(target=curl, args=(url,), daemon=True)
-            starter.start()
             time.sleep(1.0)
             start = int(self.p.cold_size * 0.9)
             began = time.monotonic()  # to the first body byte: what Ollama's stall timer counts
@@ -158,6 +156,8 @@ class Bench:
                 return time.monotonic() - began
         finally:
             mirror.stop(15)
+            starter.kill()
+            starter.wait()
 
     def coalescing(self) -> None:
         """4: ten clients on one cold blob: upstream bytes, and time against one client alone."""

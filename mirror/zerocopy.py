@@ -78,7 +78,8 @@ async def _send_all(cycle: Any, fd: int, offset: int, count: int) -> int:
     try:
         while sent < count and not cycle.disconnected:
             try:
-                n = os.sendfile(out, fd, offset + sent, count - sent)
+                # In a worker thread: the kernel's copy then runs beside the event loop, not on it.
+                n = await asyncio.to_thread(os.sendfile, out, fd, offset + sent, count - sent)
             except BlockingIOError:
                 await _writable(loop, out)
                 continue
