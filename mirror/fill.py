@@ -486,13 +486,12 @@ class _Stream:
         assert fill._fd is not None
         if not self._pending:
             return True
-        data = b"".join(self._pending)
-        self._pending.clear()
-        self._pending_len = 0
+        pieces, total = self._pending, self._pending_len
+        self._pending, self._pending_len = [], 0
         # A steal may have shortened the chunk meanwhile: what lies past its end is another's.
-        n = min(len(data), self.chunk.stop - self.position)
+        n = min(total, self.chunk.stop - self.position)
         if n > 0:
-            await asyncio.to_thread(write_at, fill._fd, memoryview(data)[:n], self.position)
+            await asyncio.to_thread(write_at, fill._fd, _first_bytes(pieces, n), self.position)
             self.position += n
             self.written += n
             fill._landed(self.chunk, n)
@@ -557,6 +556,17 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
         await asyncio.wait_for(event.wait(), timeout)
     except TimeoutError:
         pass
+
+
+def _first_bytes(pieces: list[bytes], n: int) -> list[bytes]:
+    """The pieces holding the first ``n`` bytes, the last one cut to fit."""
+    kept: list[bytes] = []
+    for piece in pieces:
+        if n <= 0:
+            break
+        kept.append(piece if len(piece) <= n else piece[:n])
+        n -= len(piece)
+    return kept
 
 
 def _hash_range(h: Any, fd: int, position: int, length: int) -> None:

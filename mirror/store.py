@@ -192,18 +192,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+IOV_MAX = 1024  # buffers one pwritev takes on Linux
+
+
 def read_at(fd: int, offset: int, length: int) -> bytes:
     """One positional read; short only at end of file."""
     return os.pread(fd, length, offset)
 
 
-def write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
-    """Write all of ``data`` at ``offset``; a full disk becomes ``StoreFull``."""
-    view = memoryview(data)
+def write_at(fd: int, pieces: list[bytes], offset: int) -> None:
+    """Write ``pieces`` back to back from ``offset``, in one call where the kernel takes it all
+    (no joined copy of them first); a full disk becomes ``StoreFull``."""
+    views = [memoryview(p) for p in pieces if p]
     try:
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        while views:
+            n = os.pwritev(fd, views[:IOV_MAX], offset)
+            offset += n
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise StoreFull("disk full while writing a blob") from exc

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mirror.chunks import SPLIT_MIN, ChunkMap
 from mirror.errors import DigestInvalid, NameInvalid, RangeInvalid, RangeNotSatisfiable
@@ -211,3 +213,18 @@ except ZeroDivisionError:
     assert "state=['before']" in lines[0]
     assert [int(line.split("mirror: line ")[1].split()[0]) for line in lines if "mirror: line " in line] == list(range(3000))
     assert "it broke" in result.stderr and "ZeroDivisionError" in result.stderr
+
+
+@given(st.lists(st.binary(max_size=300), max_size=12), st.integers(0, 4000), st.integers(0, 50))
+def test_pieces_written_at_an_offset_land_back_to_back(pieces: list[bytes], cap: int, offset: int) -> None:
+    """What a fill worker writes: the pieces as they came, cut where a steal shortened its chunk."""
+    import os
+    import tempfile
+
+    from mirror.fill import _first_bytes
+    from mirror.store import write_at
+
+    expected = b"".join(pieces)[:cap]
+    with tempfile.TemporaryFile() as f:
+        write_at(f.fileno(), _first_bytes(pieces, cap), offset)
+        assert os.pread(f.fileno(), 10_000, 0) == (b"\0" * offset + expected if expected else b"")
