@@ -12,6 +12,7 @@ import socket
 
 import uvicorn
 
+from .acceptor import Acceptor
 from .app import create_admin_app
 from .ca import CertificateAuthority, ServerIdentities
 from .config import Settings
@@ -50,9 +51,10 @@ class MirrorServer(uvicorn.Server):
         self._admin_sock = admin_sock
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
+        await super().startup(sockets=[])  # the lifespan only: our acceptors take the connections
         if self.should_exit:
             return
+        self.servers.extend(Acceptor(sock, self._http_protocol) for sock in sockets or [])
         if self._admin_sock is not None:
             await self._start_admin(self._admin_sock)
         if not (self._proxy_sock or self._tls_sock):
@@ -60,19 +62,16 @@ class MirrorServer(uvicorn.Server):
         mirror = self.config.app.state.mirror
         identities = ServerIdentities(self._certificate_authority(mirror.layout.state / "ca"), mirror.answers_for,
                                       self._settings.tls_cert, self._settings.tls_key)
-        loop = asyncio.get_running_loop()
         if self._proxy_sock is not None:
             policy = Policy(mirror.answers_for, self._settings.tunnel_hosts, self._settings.client_networks)
-            server = await loop.create_server(lambda: ProxyProtocol(policy, identities, self._http_protocol),
-                                              sock=self._proxy_sock, backlog=BACKLOG)
-            self.servers.append(server)
+            self.servers.append(Acceptor(self._proxy_sock, lambda: ProxyProtocol(policy, identities,
+                                                                                 self._http_protocol)))
             log.info("proxy ready url=%s answers_for=%s tunnels=%s", url_of(self._proxy_sock),
                      ",".join(sorted(mirror.registries)), ",".join(sorted(self._settings.tunnel_hosts)) or "-")
         if self._tls_sock is not None:
             context = identities.sni_context(_tls_default_host(mirror.registries))
-            server = await loop.create_server(self._http_protocol, sock=self._tls_sock, ssl=context,
-                                              ssl_handshake_timeout=HANDSHAKE_TIMEOUT, backlog=BACKLOG)
-            self.servers.append(server)
+            self.servers.append(Acceptor(self._tls_sock, self._http_protocol, ssl_context=context,
+                                         ssl_handshake_timeout=HANDSHAKE_TIMEOUT))
             log.info("tls ready url=%s answers_for=%s", url_of(self._tls_sock, "https"),
                      ",".join(sorted(mirror.registries)))
 
@@ -95,8 +94,7 @@ class MirrorServer(uvicorn.Server):
                 config=config, server_state=self.server_state, app_state=self.lifespan.state)
             return protocol
 
-        server = await asyncio.get_running_loop().create_server(admin_protocol, sock=sock, backlog=BACKLOG)
-        self.servers.append(server)
+        self.servers.append(Acceptor(sock, admin_protocol))
         log.info("admin ready url=%s (status page and /metrics)", url_of(sock))
 
     def _http_protocol(self) -> asyncio.Protocol:
