@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from . import ollama_api, status
 from .access import AccessControl, load_keys
@@ -34,7 +34,7 @@ from .metadata import Metadata
 from .pulls import PullService
 from .responses import error_response, registry_error
 from .metrics import Metrics
-from .routes import ALL_METHODS, unknown
+from .routes import fallback
 from .routes import routes as registry_routes
 from .store import BlobStore
 from .upstream import Throttle, Upstream
@@ -188,12 +188,12 @@ def create_app(settings: Settings) -> Starlette:
     guarded = settings.client_networks or settings.token_set or keys  # no layer at all when nothing is guarded
     guard = [Middleware(AccessControl, networks=settings.client_networks, tokens=settings.token_set,
                         keys=keys)] if guarded else []
-    return _starlette([*ollama_api.routes, *pages, *registry_routes], lifespan, guard)
+    return _starlette([*registry_routes, *ollama_api.routes, *pages, fallback], lifespan, guard)
 
 
 def create_admin_app(main: Starlette) -> Starlette:
     """The status page and /metrics alone, for --admin-listen; it shares the main app's state."""
-    admin = _starlette([*status.routes, Route("/{path:path}", unknown, methods=ALL_METHODS)], None)
+    admin = _starlette([*status.routes, fallback], None)
     admin.state = main.state
     return admin
 

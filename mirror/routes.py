@@ -103,10 +103,12 @@ async def unknown(request: Request) -> Response | BlobResponse:
     raise RouteUnknown(f"no such endpoint: {request.method} {request.url.path}")
 
 
+# The registry's routes, matched first: they carry nearly every request, and Starlette tries
+# routes in order. ``fallback`` goes last, after every other route of the app.
 routes = [
-    Route("/v2/", v2_root, methods=ALL_METHODS),
-    Route("/v2/{name:path}/blobs/uploads/{rest:path}", push, methods=ALL_METHODS),
     Route("/v2/{name:path}/manifests/{reference:path}", manifest, methods=ALL_METHODS),
+    Route("/v2/{name:path}/blobs/uploads/{rest:path}", push, methods=ALL_METHODS),
     Route("/v2/{name:path}/blobs/{digest:path}", blob, methods=ALL_METHODS),
-    Route("/{path:path}", unknown, methods=ALL_METHODS),
+    Route("/v2/", v2_root, methods=ALL_METHODS),
 ]
+fallback = Route("/{path:path}", unknown, methods=ALL_METHODS)
