@@ -12,6 +12,7 @@ and writes the figures to a JSON file.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -25,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import uvloop
 
+from mirror.upstream import BlobLocation, Upstream
 from tests.fakes import FakeCDN, FakeRegistry, MirrorProcess, ServerThread, write_blob
 
 from .peers import DockerRegistry, Nginx, aria2c, curl, ensure_tools, wrk
@@ -41,12 +44,13 @@ class Profile:
     repeat: int
     rate: int  # CDN bytes per second per connection
     wrk_seconds: int
+    settle: float  # seconds before the dd write: see _dd
 
 
 FULL = Profile(cold_size=1000 * MB, memory_sizes=(500 * MB, 2000 * MB), warm_size=2000 * MB, repeat=3,
-               rate=25 * MB, wrk_seconds=10)
+               rate=25 * MB, wrk_seconds=10, settle=10.0)
 QUICK = Profile(cold_size=64 * MB, memory_sizes=(32 * MB, 128 * MB), warm_size=128 * MB, repeat=1,
-                rate=25 * MB, wrk_seconds=2)
+                rate=25 * MB, wrk_seconds=2, settle=0.0)
 
 
 class Bench:
@@ -199,22 +203,29 @@ class Bench:
             self.record(f"6_peak_rss_{size // MB}MB_blob", self.repeat(run), "MB")
 
     def upstream_speed(self) -> None:
-        """7: a cold fill from an unthrottled local nginx: is the upstream client the bottleneck?"""
-        name, digest = self.model(self.p.memory_sizes[1], seed=4)
+        """7: a cold fill from an unthrottled local nginx: is the upstream client the bottleneck?
+
+        Beside the fill, two of its parts are measured alone in the same run: the mirror's own
+        upstream client fetching the blob with as many ranges (bytes dropped), and writing as many
+        bytes into a new file (dd), which the fill must also do before it can hash and serve them.
+        """
+        size = self.p.memory_sizes[1]
+        name, digest = self.model(size, seed=4)
 
         def run() -> float:
             mirror = self.mirror(upstream=self._plain_registry())
             try:
                 result = curl(f"{mirror.url}/v2/{name}/blobs/{digest}")
-                return self.p.memory_sizes[1] / result["total"] / MB
+                return size / result["total"] / MB
             finally:
                 mirror.stop(15)
 
         self.record("7_cold_fill_unthrottled_mirror", self.repeat(run), "MB/s")
         dest = self.work / "download"
         url = f"{self.nginx.plain_url}/objects/{digest}"
-        self.record("7_cold_fill_unthrottled_aria2c_x8",
-                    self.repeat(lambda: self.p.memory_sizes[1] / aria2c(url, dest) / MB), "MB/s")
+        self.record("7_cold_fill_unthrottled_aria2c_x8", self.repeat(lambda: size / aria2c(url, dest) / MB), "MB/s")
+        self.record("7_upstream_client_alone", self.repeat(lambda: size / _upstream_alone(url, size) / MB), "MB/s")
+        self.record("7_new_file_write_dd", self.repeat(lambda: size / _dd(dest, size, self.p.settle) / MB), "MB/s")
 
     def _plain_registry(self) -> str:
         """A second registry whose redirects go to the unthrottled nginx."""
@@ -256,6 +267,50 @@ def _ranges(url: str, size: int, parts: int) -> float:
     return size / (time.monotonic() - began) / MB
 
 
+def _upstream_alone(url: str, size: int, connections: int = 8) -> float:
+    """Seconds for the mirror's upstream client (httpx as the mirror sets it up, on uvloop) to
+    fetch ``url`` in 16 MiB ranges over ``connections`` streams, dropping the bytes."""
+    chunk = 16 << 20
+    starts = list(range(0, size, chunk))
+
+    async def fetch() -> float:
+        upstream, location, got = Upstream(url), BlobLocation(url=url), 0
+
+        async def worker() -> None:
+            nonlocal got
+            while starts:
+                start = starts.pop(0)
+                async with upstream.open_range(location, start, min(start + chunk, size), size) as body:
+                    async for piece in body:
+                        got += len(piece)
+
+        began = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.monotonic() - began
+        await upstream.aclose()
+        assert got == size, (got, size)
+        return elapsed
+
+    return uvloop.run(fetch())
+
+
+def _dd(path: Path, size: int, settle: float) -> float:
+    """Seconds to write ``size`` bytes into a new file, as a fill writes its staging file.
+
+    It waits first: memory freed moments ago is fast to reuse, but on this VM freed pages go
+    back to the host within seconds (virtio-balloon free page reporting), and the first write
+    to each page then costs a fault in the host: 2 GB went in at about 750 MB/s that way,
+    against 5 GB/s into pages just freed. A fill of a new blob mostly writes the former."""
+    path.unlink(missing_ok=True)
+    time.sleep(settle)
+    began = time.monotonic()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={size}", "iflag=count_bytes", "status=none"],
+                   check=True)
+    elapsed = time.monotonic() - began
+    path.unlink()
+    return elapsed
+
+
 def _peak_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -280,6 +335,9 @@ def summarize(results: dict[str, dict[str, object]]) -> dict[str, dict[str, obje
         "4 ten clients / one client": (_ratio(r, "4_ten_clients_all_done", "3_cold_mirror"), "<= 1.2"),
         "5 manifest p99 (ms)": (float(r["5_manifest_p99_mirror"]["median"]), "< 100"),  # type: ignore[arg-type]
         "7 unthrottled fill MB/s": (float(r["7_cold_fill_unthrottled_mirror"]["median"]), ">= 600"),  # type: ignore
+        "7 upstream client alone MB/s": (float(r["7_upstream_client_alone"]["median"]), ">= 600 (not the limit)"),  # type: ignore
+        "7 fill / aria2c -x8": (_ratio(r, "7_cold_fill_unthrottled_mirror", "7_cold_fill_unthrottled_aria2c_x8"), "context"),
+        "7 new-file write, dd MB/s": (float(r["7_new_file_write_dd"]["median"]), "context: the write ceiling"),  # type: ignore
     }
     sizes = sorted(k for k in r if k.startswith("6_peak_rss_"))
     if len(sizes) == 2:
