@@ -40,7 +40,7 @@ from .errors import (
 )
 from .metadata import Metadata
 from .names import Digest, Name
-from .store import BlobStore, read_at, write_at
+from .store import BlobStore, write_at
 from .upstream import BlobLocation, Upstream
 
 log = logging.getLogger("mirror.fill")
@@ -390,13 +390,14 @@ class Fill:
         """sha256 of the contiguous prefix as it grows; done when the last byte is on disk."""
         assert self.map is not None and self._fd is not None
         h = hashlib.sha256()
+        buffer = bytearray(min(HASH_SIZE, self.size))  # reused: a fresh 8 MiB per read is page faults
         position = 0
         while position < self.size:
-            n = self.map.available(position, HASH_SIZE)
+            n = self.map.available(position, len(buffer))
             if n == 0:
                 await _wait(self._progress, WAKE_TIMEOUT)
                 continue
-            await asyncio.to_thread(_hash_range, h, self._fd, position, n)
+            await asyncio.to_thread(_hash_range, h, self._fd, position, memoryview(buffer)[:n])
             position += n
         self._work.set()  # idle workers notice the map is complete
         return h.hexdigest()
@@ -569,8 +570,15 @@ def _first_bytes(pieces: list[bytes], n: int) -> list[bytes]:
     return kept
 
 
-def _hash_range(h: Any, fd: int, position: int, length: int) -> None:
-    h.update(read_at(fd, position, length))
+def _hash_range(h: Any, fd: int, position: int, into: memoryview) -> None:
+    """Hash the bytes at ``position``, read into ``into`` (filled whole: the bytes are on disk)."""
+    done = 0
+    while done < len(into):
+        n = os.preadv(fd, [into[done:]], position + done)
+        if n == 0:
+            raise OSError(f"staging file ends at {position + done}, before the bytes the chunk map counts")
+        done += n
+    h.update(into)
 
 
 def _first_error(exc: BaseException) -> MirrorError:
