@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import resource
 import socket
 from collections.abc import Callable
 
 import pytest
 import uvloop
 
-from mirror.acceptor import Acceptor
+from mirror.acceptor import OUT_OF_DESCRIPTORS_PAUSE, Acceptor
 from mirror.server import bind
 
 WAITING = 50
@@ -64,3 +67,36 @@ def test_a_closed_acceptor_refuses_new_connections() -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
 
+
+
+def test_out_of_descriptors_pauses_accepting_with_a_warning_then_takes_the_waiting_clients(caplog) -> None:  # type: ignore[no-untyped-def]
+    """EMFILE leaves the listening socket readable: without a pause the loop would spin on it."""
+    async def scenario() -> None:
+        made: list[asyncio.BaseTransport] = []
+        sock = bind(("127.0.0.1", 0))
+        acceptor = Acceptor(sock, type("P", (Counted,), {"made": made}))
+        clients = [socket.create_connection(sock.getsockname()[:2]) for _ in range(5)]
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no new descriptor can be made
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        try:
+            assert made == []
+            warnings = [r for r in caplog.records if "accept failed" in r.getMessage()]
+            assert len(warnings) == 1, [r.getMessage() for r in warnings]  # paused, not spinning
+            await asyncio.sleep(OUT_OF_DESCRIPTORS_PAUSE + 0.5)
+            assert len(made) == len(clients)
+        finally:
+            acceptor.close()
+            await acceptor.wait_closed()
+            for transport in made:
+                transport.close()
+            for client in clients:
+                client.close()
+
+    with caplog.at_level(logging.WARNING, logger="mirror"), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
