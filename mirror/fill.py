@@ -164,12 +164,19 @@ class Fill:
         """Block a reader until more bytes land (or a second passes)."""
         if demand.waiting_since is None:
             demand.waiting_since = time.monotonic()
-            self._work.set()  # an idle connection may now serve this position
+            self._wake_workers()  # an idle connection may now serve this position
         await _wait(self._progress, WAKE_TIMEOUT)
 
     def _notify(self) -> None:
         self._progress.set()
         self._progress = asyncio.Event()
+
+    def _wake_workers(self) -> None:
+        """Idle workers look for work again. A new event each time: one left set would have
+        them spin on the event loop, starving the streams still running (the tail of every
+        fill came in at half speed)."""
+        self._work.set()
+        self._work = asyncio.Event()
 
     # -- the fill ---------------------------------------------------------------------
 
@@ -353,7 +360,7 @@ class Fill:
             return stream.written, exc
         finally:
             self.map.release(wid)
-            self._work.set()
+            self._wake_workers()
 
     def _landed(self, chunk: Chunk, n: int) -> None:
         chunk.advance(n)
@@ -399,7 +406,7 @@ class Fill:
                 continue
             await asyncio.to_thread(_hash_range, h, self._fd, position, memoryview(buffer)[:n])
             position += n
-        self._work.set()  # idle workers notice the map is complete
+        self._wake_workers()  # idle workers notice the map is complete
         return h.hexdigest()
 
     async def _save_loop(self) -> None:
@@ -424,7 +431,7 @@ class Fill:
         self.error = error
         self.state = FillState.FAILED
         self._notify()
-        self._work.set()
+        self._wake_workers()
 
     def _after_failure(self) -> None:
         """Keep resumable progress; throw away bytes that were wrong."""
@@ -452,7 +459,7 @@ class Fill:
             self._lock_fd = None
         self._finished.set()
         self._notify()
-        self._work.set()
+        self._wake_workers()
 
     def _log_done(self) -> None:
         seconds = max(time.monotonic() - self.started, 1e-6)

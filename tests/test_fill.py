@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -142,3 +143,23 @@ def test_client_hanging_up_does_not_cancel_the_fill(registry: FakeRegistry, star
     final = wait_for_file(tmp_path / "cache" / "blobs" / big.digest.replace(":", "-"))
     assert final.read_bytes() == big.path.read_bytes()
     assert registry.cdn.bytes_by_digest[big.digest] <= 1.02 * big.size
+
+
+def test_workers_with_nothing_left_to_fetch_wait_quietly(registry: FakeRegistry, start_mirror: MirrorFactory) -> None:
+    """One response stalls for 3 s near its start; the other connections finish and have nothing
+    to take (too little is left to split). They must wait, not spin the event loop: spinning
+    took a whole core and halved the speed of the streams still running."""
+    blob = write_blob(registry.directory, 24 * MB, seed=23)
+    registry.add_model("library/tail", "latest", [blob])
+    registry.cdn.faults.append(Fault("stall", after=1 * MB, seconds=3.0))
+    mirror = start_mirror(connections=3, chunk_size=8 << 20)
+    url = f"{mirror.url()}/v2/library/tail/blobs/{blob.digest}"
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(lambda: httpx.get(url, timeout=30).content)  # starts the fill, waits for all of it
+        time.sleep(0.8)  # the two unstalled chunks are done by now: their workers sit idle
+        wall, cpu = time.monotonic(), time.process_time()
+        time.sleep(1.5)
+        used = (time.process_time() - cpu) / (time.monotonic() - wall)
+        assert not whole.done(), "the stall should still hold the fill"
+        assert whole.result() == blob.path.read_bytes()
+    assert used < 0.3, f"the mirror used {used:.0%} of a core while its fill waited on one stalled stream"
