@@ -92,6 +92,12 @@ class Bench:
         self._mirrors.append(mirror)
         return mirror
 
+    def retire(self, mirror: MirrorProcess) -> None:
+        """Stop a mirror and delete its cache: blobs left in the page cache would crowd the later
+        scenarios' fills (and their peers') into reclaiming memory."""
+        mirror.stop(15)
+        shutil.rmtree(mirror.log.parent / "cache", ignore_errors=True)
+
     def record(self, key: str, samples: list[float], unit: str, **extra: object) -> None:
         self.results[key] = {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
                              "unit": unit, "samples": samples, **extra}
@@ -115,7 +121,7 @@ class Bench:
         self.record("2_warm_16_ranges_mirror", self.repeat(lambda: _ranges(blob_url, size, 16)), "MB/s")
         self.record("2_warm_16_ranges_nginx", self.repeat(lambda: _ranges(nginx_url, size, 16)), "MB/s")
         self.manifests(mirror, name)
-        mirror.stop(15)
+        self.retire(mirror)
 
     def manifests(self, mirror: MirrorProcess, name: str) -> None:
         """5: warm manifest GETs with keep-alive, 300 connections."""
@@ -138,7 +144,7 @@ class Bench:
                 assert result["bytes"] == self.p.cold_size, result
                 return result["total"]
             finally:
-                mirror.stop(15)
+                self.retire(mirror)
 
         self.record("3_cold_mirror", self.repeat(via_mirror), "s")
         self.record("3_cold_aria2c_x8", self.repeat(lambda: aria2c(cdn_url, dest)), "s")
@@ -159,7 +165,7 @@ class Bench:
                 next(r.iter_raw(1))
                 return time.monotonic() - began
         finally:
-            mirror.stop(15)
+            self.retire(mirror)
             starter.kill()
             starter.wait()
 
@@ -178,7 +184,7 @@ class Bench:
                 elapsed = time.monotonic() - began
                 assert all(r["bytes"] == self.p.cold_size for r in results), results
             finally:
-                mirror.stop(15)
+                self.retire(mirror)
             ratios.append((self.nginx.bytes_sent(digest) - before) / self.p.cold_size)
             return elapsed
 
@@ -198,7 +204,7 @@ class Bench:
                     _ranges(url, size, 16)
                     return _peak_rss(mirror.process.pid) / MB
                 finally:
-                    mirror.stop(15)
+                    self.retire(mirror)
 
             self.record(f"6_peak_rss_{size // MB}MB_blob", self.repeat(run), "MB")
 
@@ -218,7 +224,7 @@ class Bench:
                 result = curl(f"{mirror.url}/v2/{name}/blobs/{digest}")
                 return size / result["total"] / MB
             finally:
-                mirror.stop(15)
+                self.retire(mirror)
 
         self.record("7_cold_fill_unthrottled_mirror", self.repeat(run), "MB/s")
         dest = self.work / "download"
