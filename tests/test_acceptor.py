@@ -37,12 +37,16 @@ async def _accepted_in_a_few_turns(sock: socket.socket) -> int:
             await asyncio.sleep(0)
         return len(made)
     finally:
-        acceptor.close()
-        await acceptor.wait_closed()
-        for transport in made:
-            transport.close()
-        for client in clients:
-            client.close()
+        await _close_all(acceptor, made, clients)
+
+
+async def _close_all(acceptor: Acceptor, made: list[asyncio.BaseTransport], clients: list[socket.socket]) -> None:
+    acceptor.close()
+    await acceptor.wait_closed()
+    for transport in made:
+        transport.close()
+    for client in clients:
+        client.close()
 
 
 @pytest.mark.parametrize("loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop], ids=["uvloop", "asyncio"])
@@ -91,12 +95,7 @@ def test_out_of_descriptors_pauses_accepting_with_a_warning_then_takes_the_waiti
             await asyncio.sleep(OUT_OF_DESCRIPTORS_PAUSE + 0.5)
             assert len(made) == len(clients)
         finally:
-            acceptor.close()
-            await acceptor.wait_closed()
-            for transport in made:
-                transport.close()
-            for client in clients:
-                client.close()
+            await _close_all(acceptor, made, clients)
 
     with caplog.at_level(logging.WARNING, logger="mirror"), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
