@@ -18,7 +18,8 @@ to HTTP statuses, so a status is decided in one place::
     │   ├── UpstreamStalled         no byte in time: resume from the last byte
     │   ├── UpstreamUrlExpired      CDN 401/403/410: resolve the URL again
     │   ├── UpstreamRefused         412 and other 4xx: passed through, never cached
-    │   └── UpstreamInvalid         bytes that make no sense (bad manifest, short blob)
+    │   ├── UpstreamInvalid         bytes that make no sense (bad manifest, short blob)
+    │   └── RangeIgnored            the CDN sent the whole blob to a Range request: fill in one stream
     ├── DigestMismatch              staging discarded, waiters failed
     ├── FillFailed                  a fill gave up; readers see this
     └── StoreFull                   ENOSPC: the fill fails, warm blobs still serve
@@ -129,6 +130,13 @@ class UpstreamRefused(UpstreamError):
 
 class UpstreamInvalid(UpstreamError):
     """Upstream sent something that cannot be right (not a manifest, too large, short)."""
+
+    retryable = False
+
+
+class RangeIgnored(UpstreamError):
+    """A Range request was answered 200 with the whole body: splitting the blob would fetch it
+    again per part, so the fill reads it in one stream instead."""
 
     retryable = False
 
