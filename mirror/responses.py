@@ -189,8 +189,8 @@ class BlobResponse:
     async def _sendfile_span(self, send: Send, span: Span) -> None:
         """The kernel copies: a stored blob in one call, a filling one run by run as it lands."""
         async with contextlib.aclosing(self.body.extents(span.start, span.stop, _unlimited)) as extents:
-            async for fd, position, length in extents:
-                await send({"type": zerocopy.EXTENSION, "fd": fd, "offset": position, "count": length,
+            async for file, position, length in extents:
+                await send({"type": zerocopy.EXTENSION, "file": file, "offset": position, "count": length,
                             "more_body": True})
 
 
