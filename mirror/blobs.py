@@ -54,6 +54,12 @@ class BlobBody:
                 del self._serving[self.digest]
             self._serving = None
 
+    async def ready(self, position: int, timeout: float) -> None:
+        """Return once the byte at ``position`` can be read, or ``timeout`` passed; raise if the
+        fill behind this body failed first."""
+        if self._fill is not None:
+            await self._fill.first_bytes(position, timeout)
+
     async def iter_span(self, start: int, stop: int, read_size: ReadSize) -> AsyncIterator[bytes]:
         """The bytes of ``[start, stop)``, read into memory (for TLS connections)."""
         async with contextlib.aclosing(self.extents(start, stop, read_size)) as extents:
@@ -92,7 +98,7 @@ class BlobBody:
                     await fill.wait_progress(demand)
                     continue
                 if self._fd is None:
-                    self._fd = SharedFd(fill.reader_fd())
+                    self._fd = fill.reader_fd()
                 extent = (self._fd, position, n)
                 position += n
                 demand.position, demand.waiting_since = position, None
