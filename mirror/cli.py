@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream-connections", type=int, help="upstream connections, all fills together (64)")
     serve.add_argument("--upstream-rate", help="bandwidth cap for all fills together, bytes/s: 50M (none)")
     serve.add_argument("--allow-clients", help="CIDRs that may use the mirror, comma-separated (anyone)")
+    serve.add_argument("--manage-clients", help="CIDRs that may pull/delete through Ollama's API besides the "
+                                                "mirror's own host, comma-separated (none)")
     serve.add_argument("--token", action="append", dest="tokens", metavar="TOKEN",
                        help="a bearer token that may pull (repeatable; better in the config file)")
     serve.add_argument("--keys-file", help="Ollama public keys (lines of ~/.ollama/id_ed25519.pub) that may pull")
@@ -115,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "manifest_ttl", "log_level", "lock",
                  "allow_networks", "registries", "proxy_listen", "tls_listen", "tls_cert", "tls_key",
                  "tunnel_allow", "resolve", "max_size", "min_free", "upstream_connections", "upstream_rate",
-                 "allow_clients", "tokens", "keys_file", "admin_listen", "log_format"}
+                 "allow_clients", "manage_clients", "tokens", "keys_file", "admin_listen", "log_format"}
 LIST_FLAGS = {"registries", "resolve", "tokens"}  # repeatable flags, joined into one comma-separated setting
 
 
