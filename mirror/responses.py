@@ -108,7 +108,7 @@ class BlobResponse:
     stops only its own reader, never the fill behind it.
     """
 
-    # Read size decides throughput (64 KiB serves 5x slower than 4 MiB, perf-notes.md), and each
+    # Read size decides throughput (64 KiB serves 5x slower than 4 MiB, docs/performance.md), and each
     # stream holds about two reads (ours, and the transport's copy of what the socket did not take
     # yet). So the streams share a budget: one stream reads 4 MiB at a time, sixteen read 1 MiB.
     max_read = 4 << 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -62,3 +63,25 @@ def test_real_client_multi_part_blob_on_a_cold_cache(
     pulled = client.models / "blobs" / layer.digest.replace(":", "-")
     assert pulled.stat().st_size == layer.size
     print(f"cold pull of {layer.size / 1e6:.0f} MB through the mirror: {time.monotonic() - began:.1f}s")
+
+
+def test_real_client_warm_pulls_in_a_loop(
+    registry: FakeRegistry, start_mirror: MirrorFactory, ollama, tmp_path: Path
+) -> None:
+    """The warm pull that once failed one time in 35 with "digest mismatch" (another response's
+    bytes on its connection): the resolving GET hangs up after the headers, then the parts."""
+    layers = [write_blob(registry.directory, size, seed=40 + i) for i, size in enumerate([50_000_000, 3_000, 700])]
+    manifest = registry.add_model("library/loop", "1", layers)
+    mirror = start_mirror()
+    name = f"127.0.0.1:{mirror.port}/library/loop:1"
+    client = ollama("loop")
+    pulls = int(os.environ.get("REAL_CLIENT_PULLS", "50"))
+    for attempt in range(pulls):
+        result = client.pull(name, timeout=120)
+        assert result.returncode == 0, f"pull {attempt + 1} of {pulls}: {result.stderr[-2000:]}"
+        assert client.list_models()[name] == _model_id(manifest)
+        removed = client.cli("rm", name, timeout=60)
+        assert removed.returncode == 0, removed.stderr
+    assert registry.cdn.bytes_sent <= 1.02 * sum(layer.size for layer in layers)  # filled once, then warm
+    log = (client.home / "ollama.log").read_text()
+    assert "Unsolicited response" not in log and "digest mismatch" not in log
