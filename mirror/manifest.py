@@ -52,7 +52,9 @@ class Manifest:
             raise ManifestInvalid("manifest is not JSON") from None
         if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
             raise ManifestInvalid("manifest is not a schema 2 image manifest")
-        layers = doc.get("layers") or []
+        layers = doc.get("layers", [])
+        if layers is None:
+            layers = []  # an empty model: a config alone
         if not isinstance(layers, list):
             raise ManifestInvalid("manifest layers are not a list")
         media_type = doc.get("mediaType")
