@@ -9,7 +9,12 @@
   others cannot. The signature covers the URL with a fresh timestamp and a nonce, each
   nonce accepted once.
 
-``/`` stays open to anyone (it says only that the mirror runs); ``/token`` to the allowed networks.
+``/`` and ``/healthz`` stay open to anyone (they say only that the mirror runs); ``/token`` to
+the allowed networks.
+
+Changing the cache through Ollama's management API (``/api/pull``, ``/api/delete``) is a
+separate permission, ``ManagePolicy``: the mirror's own host, an authenticated request, or the
+``--manage-clients`` networks; the ``--admin-listen`` listener has no such check.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 TOKEN_SECONDS = 3600
 CLOCK_SKEW = 300  # seconds a signed token request's timestamp may differ from ours
 EMPTY_BODY = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
+OPEN_PATHS = frozenset({"/", "/healthz"})  # answered whoever asks: they reveal nothing
 
 
 def load_keys(path: Path) -> dict[bytes, str]:
@@ -79,11 +85,11 @@ class AccessControl:
         self.app, self._networks, self._tokens, self._keys = app, tuple(networks), tokens, keys or {}
         self._issued: TTLCache[str, str] = TTLCache(maxsize=100_000, ttl=TOKEN_SECONDS)
         self._nonces: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=2 * CLOCK_SKEW)
-        self._warned: TTLCache[str, bool] = TTLCache(maxsize=1024, ttl=60)  # one log line a minute per client
+        self._warn = _Warnings()
         self._secret = secrets.token_bytes(32)  # signs blob grants, for this process's life
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/":
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         try:
@@ -112,8 +118,10 @@ class AccessControl:
         scheme, _, credentials = _header(scope, b"authorization").partition(" ")
         if (scheme.lower() == "bearer" and (credentials in self._issued or self._static_ok(credentials))
                 or scheme.lower() == "basic" and self._static_ok(_basic_password(credentials))):
+            state = scope.setdefault("state", {})
+            state["authenticated"] = True  # the management API lets such a request change the cache
             if "/blobs/" in scope["path"]:
-                scope.setdefault("state", {})["grant"] = self._grant(scope["path"])
+                state["grant"] = self._grant(scope["path"])
             return
         presented = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("grant", [""])[0]
         if presented and hmac.compare_digest(presented, self._grant(scope["path"])):
@@ -179,19 +187,60 @@ class AccessControl:
         self._nonces[nonce] = True
         return name
 
-    def _warn(self, client: str, line: str) -> None:
-        if client not in self._warned:
-            self._warned[client] = True
+
+class ManagePolicy:
+    """Who may change the cache (pull, delete) through the main listener's management API.
+
+    Anyone who may use the mirror may read it; writing is for the mirror's own host (loopback),
+    a request that AccessControl authenticated with a token or key, and the ``--manage-clients``
+    networks. The ``--admin-listen`` listener serves the API without this policy: reaching it
+    is the permission."""
+
+    def __init__(self, networks: Sequence[IPNetwork] = ()) -> None:
+        self._networks = tuple(networks)
+        self._warn = _Warnings()
+
+    def refusal(self, scope: Scope) -> str | None:
+        """None when this request may change the cache; else the one sentence to answer with."""
+        client = _client(scope)
+        if is_loopback(client) or in_networks(client, self._networks) or scope.get("state", {}).get("authenticated"):
+            return None
+        self._warn(client, f"refused client={client} path={scope['path']} reason=not allowed to manage")
+        return (f"{client or 'this client'} may not change this mirror's cache: run the command on the mirror's "
+                "own host or through its --admin-listen address, or add this client's network to --manage-clients")
+
+
+class _Warnings:
+    """Log a refusal once a minute per client, so a client retrying in a loop cannot flood the log."""
+
+    def __init__(self) -> None:
+        self._recent: TTLCache[str, bool] = TTLCache(maxsize=1024, ttl=60)
+
+    def __call__(self, client: str, line: str) -> None:
+        if client not in self._recent:
+            self._recent[client] = True
             log.warning(line)
+
+
+def _addresses(client: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The client's address, and for an IPv4 client of a dual-stack listener (``::ffff:10.1.2.3``)
+    its IPv4 address too; none when unreadable."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return []
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return [address] if mapped is None else [address, mapped]
 
 
 def in_networks(client: str, networks: Sequence[IPNetwork]) -> bool:
     """Whether the address ``client`` lies in one of ``networks`` (an unreadable address does not)."""
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
+    return any(address in network for address in _addresses(client) for network in networks)
+
+
+def is_loopback(client: str) -> bool:
+    """A client on the mirror's own host (127.0.0.0/8, ::1)."""
+    return any(address.is_loopback for address in _addresses(client))
 
 
 def _client(scope: Scope) -> str:

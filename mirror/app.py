@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from . import ollama_api, status
-from .access import AccessControl, load_keys
+from .access import AccessControl, ManagePolicy, load_keys
 from .blobs import BlobService
 from .config import Settings
 from .errors import MirrorError, NameInvalid
@@ -178,7 +178,8 @@ def _registry(host: str, url: str, store: BlobStore, meta: Metadata, engine: Fil
 
 
 def create_app(settings: Settings) -> Starlette:
-    """The main app: the registry protocol, Ollama's API, and (unless --admin-listen) the status pages."""
+    """The main app: the registry protocol, Ollama's API (writes only for ``ManagePolicy``), /healthz,
+    and (unless --admin-listen) the status pages."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -196,12 +197,14 @@ def create_app(settings: Settings) -> Starlette:
     guarded = settings.client_networks or settings.token_set or keys  # no layer at all when nothing is guarded
     guard = [Middleware(AccessControl, networks=settings.client_networks, tokens=settings.token_set,
                         keys=keys)] if guarded else []
-    return _starlette([*registry_routes, *ollama_api.routes, *pages, fallback], lifespan, guard)
+    api = ollama_api.routes(ManagePolicy(settings.manage_networks))
+    return _starlette([*registry_routes, *api, status.health, *pages, fallback], lifespan, guard)
 
 
 def create_admin_app(main: Starlette) -> Starlette:
-    """The status page and /metrics alone, for --admin-listen; it shares the main app's state."""
-    admin = _starlette([*status.routes, fallback], None)
+    """For --admin-listen: the status page, /metrics, and the management API open to whoever
+    reaches this listener (bind it where only admins do). It shares the main app's state."""
+    admin = _starlette([status.health, *status.routes, *ollama_api.routes(None), fallback], None)
     admin.state = main.state
     return admin
 

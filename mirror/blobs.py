@@ -18,6 +18,7 @@ from cachetools import TTLCache
 
 from .config import Settings
 from .errors import BlobUnknown, FillFailed, StoreFull, UpstreamRefused
+from .fds import SharedFd, in_thread
 from .fill import Fill, FillEngine
 from .metadata import Metadata
 from .names import Digest, Name
@@ -37,7 +38,7 @@ class BlobBody:
         self.digest = digest
         self.size = size
         self.source = "hit" if fill is None else "fill"
-        self._fd = fd
+        self._fd = SharedFd(fd) if fd is not None else None
         self._fill = fill
         self._serving = serving  # blobs being served are never evicted
         if serving is not None:
@@ -45,7 +46,7 @@ class BlobBody:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            self._fd.close()
             self._fd = None
         if self._serving is not None:
             self._serving[self.digest] -= 1
@@ -53,18 +54,25 @@ class BlobBody:
                 del self._serving[self.digest]
             self._serving = None
 
+    async def ready(self, position: int, timeout: float) -> None:
+        """Return once the byte at ``position`` can be read, or ``timeout`` passed; raise if the
+        fill behind this body failed first."""
+        if self._fill is not None:
+            await self._fill.first_bytes(position, timeout)
+
     async def iter_span(self, start: int, stop: int, read_size: ReadSize) -> AsyncIterator[bytes]:
         """The bytes of ``[start, stop)``, read into memory (for TLS connections)."""
         async with contextlib.aclosing(self.extents(start, stop, read_size)) as extents:
-            async for fd, position, length in extents:
-                data = await asyncio.to_thread(read_at, fd, position, length)
+            async for shared, position, length in extents:
+                data = await in_thread(lambda fd: read_at(fd, position, length), shared)
                 if len(data) < length:
                     raise FillFailed(f"blob {self.digest.short} is shorter than {self.size} bytes on disk")
                 yield data
 
-    async def extents(self, start: int, stop: int, limit: ReadSize) -> AsyncIterator[tuple[int, int, int]]:
-        """``(fd, position, length)`` runs covering ``[start, stop)`` in order, each on disk when
-        yielded and at most ``limit()`` long: what sendfile or a read can take."""
+    async def extents(self, start: int, stop: int, limit: ReadSize) -> AsyncIterator[tuple[SharedFd, int, int]]:
+        """``(file, position, length)`` runs covering ``[start, stop)`` in order, each on disk when
+        yielded and at most ``limit()`` long: what sendfile or a read can take. ``file`` is this
+        body's descriptor, open until ``close``."""
         if self._fill is None:
             assert self._fd is not None
             position = start
@@ -76,7 +84,7 @@ class BlobBody:
             async for extent in self._follow(self._fill, start, stop, limit):
                 yield extent
 
-    async def _follow(self, fill: Fill, start: int, stop: int, limit: ReadSize) -> AsyncIterator[tuple[int, int, int]]:
+    async def _follow(self, fill: Fill, start: int, stop: int, limit: ReadSize) -> AsyncIterator[tuple[SharedFd, int, int]]:
         """Follow the fill. A whole-blob response keeps its last bytes until the digest is
         verified, so a client that does not hash (curl) never gets wrong bytes with a clean end."""
         whole = start == 0 and stop == self.size

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import TextIO
 from pathlib import Path
 
-import uvicorn
 
 from . import __version__, eviction, logs, models, seeding
 from .access import load_keys
@@ -39,8 +38,7 @@ from .metadata import Metadata
 from .models import CachedModel
 from .names import ModelRef
 from .progress import Progress, human
-from .protocol import guarded_protocol
-from .server import MirrorServer, bind, url_of
+from .server import ListenError, build_server
 from .store import BlobStore
 
 log = logging.getLogger("mirror")
@@ -72,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream-connections", type=int, help="upstream connections, all fills together (64)")
     serve.add_argument("--upstream-rate", help="bandwidth cap for all fills together, bytes/s: 50M (none)")
     serve.add_argument("--allow-clients", help="CIDRs that may use the mirror, comma-separated (anyone)")
+    serve.add_argument("--manage-clients", help="CIDRs that may pull/delete through Ollama's API besides the "
+                                                "mirror's own host, comma-separated (none)")
     serve.add_argument("--token", action="append", dest="tokens", metavar="TOKEN",
                        help="a bearer token that may pull (repeatable; better in the config file)")
     serve.add_argument("--keys-file", help="Ollama public keys (lines of ~/.ollama/id_ed25519.pub) that may pull")
@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "manifest_ttl", "log_level", "lock",
                  "allow_networks", "registries", "proxy_listen", "tls_listen", "tls_cert", "tls_key",
                  "tunnel_allow", "resolve", "max_size", "min_free", "upstream_connections", "upstream_rate",
-                 "allow_clients", "tokens", "keys_file", "admin_listen", "log_format"}
+                 "allow_clients", "manage_clients", "tokens", "keys_file", "admin_listen", "log_format"}
 LIST_FLAGS = {"registries", "resolve", "tokens"}  # repeatable flags, joined into one comma-separated setting
 
 
@@ -379,33 +379,14 @@ def serve(settings: Settings) -> None:
             load_keys(settings.keys_file)
         except (OSError, ValueError) as exc:
             sys.exit(f"ollama-mirror: keys_file: {exc}")
-    sock = _bind_or_exit("listen", settings.listen)
-    proxy_sock = _bind_or_exit("proxy-listen", settings.proxy_listen) if settings.proxy_listen else None
-    tls_sock = _bind_or_exit("tls-listen", settings.tls_listen) if settings.tls_listen else None
-    admin_sock = _bind_or_exit("admin-listen", settings.admin_listen) if settings.admin_listen else None
+    try:
+        server = build_server(settings)
+    except ListenError as exc:
+        sys.exit(f"ollama-mirror: {exc}")
     _fewer_malloc_arenas()
-    config = uvicorn.Config(
-        create_app(settings),
-        http=guarded_protocol(settings.head_timeout),  # request heads must arrive in time and in bounds (slow loris)
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,  # the client address is the socket's: no header may claim another (--allow-clients)
-        timeout_keep_alive=30,
-        timeout_graceful_shutdown=10,
-        h11_max_incomplete_event_size=64 * 1024,
-    )
-    mirror_server = MirrorServer(config, settings, proxy_sock, tls_sock, admin_sock)
-    log.info("listening url=%s", url_of(sock))
+    log.info("listening url=%s", server.url)
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again with the handlers
     # it found: these make that a clean exit (code 0 for TERM), so queued log lines are written.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
-    mirror_server.run(sockets=[sock])  # uvloop when installed (uvicorn[standard]): a faster event loop
-
-
-def _bind_or_exit(key: str, address: str) -> socket.socket:
-    host, _, port = address.rpartition(":")
-    try:
-        return bind((host.strip("[]"), int(port)))
-    except OSError as exc:
-        sys.exit(f"ollama-mirror: cannot listen on {address} (--{key}): {exc.strerror}")
+    server.run()  # uvloop when installed (uvicorn[standard]): a faster event loop

@@ -61,6 +61,7 @@ class Settings:
     upstream_connections: int = 64  # upstream connections in total, all fills together
     upstream_rate: str = ""  # bandwidth cap for all fills together, bytes/s ("50M"); empty: none
     allow_clients: str = ""  # CIDRs that may use the mirror (comma-separated); empty: anyone
+    manage_clients: str = ""  # CIDRs that may pull/delete through the management API besides loopback
     tokens: str = ""  # bearer tokens that may pull (comma-separated); empty: no token needed
     keys_file: Path | None = None  # Ollama public keys (id_ed25519.pub lines) whose machines may pull
     admin_listen: str = ""  # HOST:PORT for /metrics and the status page only; empty: on the main listener
@@ -85,6 +86,7 @@ class Settings:
         self.registry_urls  # noqa: B018 - validates the pairs
         self.pinned_addresses  # noqa: B018
         self.client_networks  # noqa: B018
+        self.manage_networks  # noqa: B018
         if self.max_size and not self.max_size.strip().endswith("%"):
             parse_size("max_size", self.max_size)
         elif self.max_size and not 0 < float(self.max_size.strip()[:-1] or 0) <= 100:
@@ -133,10 +135,12 @@ class Settings:
 
     @property
     def client_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        try:
-            return [ipaddress.ip_network(c.strip(), strict=False) for c in self.allow_clients.split(",") if c.strip()]
-        except ValueError as exc:
-            raise SettingsError(f"allow_clients: {exc}") from None
+        return _networks("allow_clients", self.allow_clients)
+
+    @property
+    def manage_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """Networks whose clients may change the cache through the main listener (loopback always may)."""
+        return _networks("manage_clients", self.manage_clients)
 
     @property
     def token_set(self) -> frozenset[str]:
@@ -178,6 +182,14 @@ def parse_size(key: str, text: str) -> int:
     if match is None:
         raise SettingsError(f"{key}: {text!r} is not a size (a number with K, M, G or T)")
     return int(float(match[1]) * _UNITS[match[2].upper()])
+
+
+def _networks(key: str, text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """``"10.0.0.0/8, 192.168.1.7"``: networks (a lone address is a network of one)."""
+    try:
+        return [ipaddress.ip_network(c.strip(), strict=False) for c in text.split(",") if c.strip()]
+    except ValueError as exc:
+        raise SettingsError(f"{key}: {exc}") from None
 
 
 def _existing_parent(path: Path) -> Path:

@@ -2,7 +2,8 @@
 ``OLLAMA_HOST=mirror ollama pull|list|rm|show`` manage the mirror.
 
 Errors here are Ollama's ``{"error": "..."}``, not the registry's format. Endpoints
-for inference (generate, chat, embeddings) and for writing models answer 501.
+for inference (generate, chat, embeddings) and for writing models answer 501. Pull and
+delete change the cache: on the main listener they follow ``access.ManagePolicy``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import models
+from .access import ManagePolicy
 from .errors import ManifestUnknown, MirrorError, NameInvalid
 from .models import CachedModel
 from .names import ModelRef
@@ -245,12 +247,30 @@ async def _is_unload(request: Request) -> bool:
             and not body.get("prompt") and not body.get("messages"))
 
 
+def _manage_only(handler: Any, policy: ManagePolicy) -> Any:
+    """``handler`` for those ``policy`` lets change the cache; others get 403 with the way to be let in."""
 
-routes = [
-    Route("/api/pull", pull, methods=["POST"]),
-    Route("/api/tags", tags, methods=["GET", "HEAD"]),
-    Route("/api/delete", delete, methods=["DELETE"]),
-    Route("/api/show", show, methods=["POST"]),
-    Route("/api/version", version, methods=["GET", "HEAD"]),
-    Route("/api/{rest:path}", not_an_inference_server, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
-]
+    async def guarded(request: Request) -> Response:
+        refusal = policy.refusal(request.scope)
+        if refusal is not None:
+            return _error(403, refusal)
+        return await handler(request)  # type: ignore[no-any-return]
+
+    return guarded
+
+
+def routes(manage: ManagePolicy | None) -> list[Route]:
+    """The API's routes. ``manage`` decides who may pull and delete; None lets anyone who reaches
+    the listener (the --admin-listen one). Reading (tags, show, version) is open like the registry."""
+
+    def writes(handler: Any) -> Any:
+        return handler if manage is None else _manage_only(handler, manage)
+
+    return [
+        Route("/api/pull", writes(pull), methods=["POST"]),
+        Route("/api/tags", tags, methods=["GET", "HEAD"]),
+        Route("/api/delete", writes(delete), methods=["DELETE"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/version", version, methods=["GET", "HEAD"]),
+        Route("/api/{rest:path}", not_an_inference_server, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
+    ]

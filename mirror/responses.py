@@ -115,6 +115,7 @@ class BlobResponse:
     min_read = 256 << 10
     budget = 16 << 20
     active = 0  # blob bodies streaming now, in this process
+    head_wait = 10.0  # seconds the head waits for a cold blob's first byte (Ollama's stall clock is 30 s)
 
     def __init__(self, body: BlobBody, spans: list[Span] | None, location: str) -> None:
         self.body = body
@@ -126,6 +127,13 @@ class BlobResponse:
         scope.setdefault("state", {})["cache"] = self.body.source
         status, headers, length, parts = self._plan()
         headers["Content-Length"] = str(length)
+        try:
+            # A fill that fails before its first byte answers an error status, not a 200 whose
+            # body is cut: some clients (urllib's read(n)) take a cut body for a clean end.
+            await self.body.ready(parts[0][1].start if parts else 0, self.head_wait)
+        except BaseException:
+            self.body.close()
+            raise
         await send({"type": "http.response.start", "status": status, "headers": _encode(headers)})
         BlobResponse.active += 1
         zero_copy = zerocopy.EXTENSION in scope.get("extensions", {})
@@ -142,6 +150,7 @@ class BlobResponse:
         if body.cancelled():
             scope["state"]["outcome"] = "client gone"
         elif isinstance(body.exception(), MirrorError):
+            # Cut short of its Content-Length (uvicorn closes the connection): never a clean end.
             scope["state"]["outcome"] = f"aborted: {body.exception()}"
             log.warning("blob aborted digest=%s reason=%s", self.body.digest.short, body.exception())
         elif body.exception() is not None:
@@ -189,8 +198,8 @@ class BlobResponse:
     async def _sendfile_span(self, send: Send, span: Span) -> None:
         """The kernel copies: a stored blob in one call, a filling one run by run as it lands."""
         async with contextlib.aclosing(self.body.extents(span.start, span.stop, _unlimited)) as extents:
-            async for fd, position, length in extents:
-                await send({"type": zerocopy.EXTENSION, "fd": fd, "offset": position, "count": length,
+            async for file, position, length in extents:
+                await send({"type": zerocopy.EXTENSION, "file": file, "offset": position, "count": length,
                             "more_body": True})
 
 

@@ -1,7 +1,9 @@
-"""The running server: uvicorn on the plain listener, plus transparent mode's proxy and TLS listeners.
+"""The running server: uvicorn on the plain listener, plus transparent mode's proxy and TLS listeners
+and the admin listener.
 
-All three hand connections to the same uvicorn HTTP protocol and app, so a request reaches
+All of them hand connections to the same uvicorn HTTP protocol and app, so a request reaches
 the same routes whichever way it came; uvicorn's graceful shutdown covers them all.
+``build_server`` is the one way to make it: ``serve`` runs what it returns, and so do the tests.
 """
 
 from __future__ import annotations
@@ -9,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from dataclasses import dataclass
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from .acceptor import Acceptor
-from .app import create_admin_app
+from .app import create_admin_app, create_app
 from .ca import CertificateAuthority, ServerIdentities
 from .config import Settings
 from .intercept import HANDSHAKE_TIMEOUT, Policy, ProxyProtocol
+from .protocol import guarded_protocol
 
 log = logging.getLogger("mirror")
 BACKLOG = 2048
@@ -43,12 +48,81 @@ def url_of(sock: socket.socket, scheme: str = "http") -> str:
     return f"{scheme}://{f'[{host}]' if sock.family == socket.AF_INET6 else host}:{port}"
 
 
+class ListenError(OSError):
+    """A listener could not be bound; ``flag`` names the setting, as the user typed it."""
+
+    def __init__(self, flag: str, address: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address} (--{flag}): {reason}")
+        self.flag, self.address = flag, address
+
+
+@dataclass
+class Listeners:
+    """The sockets the server accepts on, bound before it starts."""
+
+    main: socket.socket
+    proxy: socket.socket | None = None
+    tls: socket.socket | None = None
+    admin: socket.socket | None = None
+
+    @classmethod
+    def bind(cls, settings: Settings) -> Listeners:
+        bound: list[socket.socket] = []
+
+        def one(flag: str, address: str) -> socket.socket | None:
+            if not address:
+                return None
+            host, _, port = address.rpartition(":")
+            try:
+                sock = bind((host.strip("[]"), int(port)))
+            except OSError as exc:
+                for sock in bound:
+                    sock.close()
+                raise ListenError(flag, address, exc.strerror or str(exc)) from exc
+            bound.append(sock)
+            return sock
+
+        main = one("listen", settings.listen)
+        assert main is not None
+        return cls(main, one("proxy-listen", settings.proxy_listen), one("tls-listen", settings.tls_listen),
+                   one("admin-listen", settings.admin_listen))
+
+    def close(self) -> None:
+        for sock in (self.main, self.proxy, self.tls, self.admin):
+            if sock is not None:
+                sock.close()
+
+
+def build_server(settings: Settings, app: ASGIApp | None = None, listeners: Listeners | None = None) -> MirrorServer:
+    """The mirror's server, its listeners bound: what ``serve`` runs, and what the tests run."""
+    config = uvicorn.Config(
+        app if app is not None else create_app(settings),
+        http=guarded_protocol(settings.head_timeout),  # request heads must arrive in time and in bounds (slow loris)
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,  # the client address is the socket's: no header may claim another (--allow-clients)
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=10,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+    return MirrorServer(config, settings, listeners or Listeners.bind(settings))
+
+
 class MirrorServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, settings: Settings, proxy_sock: socket.socket | None = None,
-                 tls_sock: socket.socket | None = None, admin_sock: socket.socket | None = None) -> None:
+    def __init__(self, config: uvicorn.Config, settings: Settings, listeners: Listeners) -> None:
         super().__init__(config)
-        self._settings, self._proxy_sock, self._tls_sock = settings, proxy_sock, tls_sock
-        self._admin_sock = admin_sock
+        self._settings, self.listeners = settings, listeners
+        self._proxy_sock, self._tls_sock, self._admin_sock = listeners.proxy, listeners.tls, listeners.admin
+
+    @property
+    def url(self) -> str:
+        return url_of(self.listeners.main)
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().serve(sockets=[self.listeners.main] if sockets is None else sockets)
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        super().run(sockets=[self.listeners.main] if sockets is None else sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=[])  # the lifespan only: our acceptors take the connections

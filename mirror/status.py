@@ -1,5 +1,5 @@
 """For people and monitoring: the status page at ``/``, its data at ``/status.json``, ``/metrics``,
-and the CA certificate at ``/ca.crt`` when transparent mode made one.
+the CA certificate at ``/ca.crt`` when transparent mode made one, and ``/healthz``.
 
 With ``--admin-listen`` these routes move to that listener; the main one then answers ``/``
 with a line of text only, so the LAN does not see what the mirror holds.
@@ -43,6 +43,12 @@ async def page(request: Request) -> Response:
 
 async def running(request: Request) -> Response:
     return PlainTextResponse("ollama-mirror is running")
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness for container engines and load balancers: open whatever the access settings,
+    on every listener, so it says nothing but that the process answers."""
+    return PlainTextResponse("ok\n")
 
 
 async def ca_certificate(request: Request) -> Response:
@@ -96,6 +102,7 @@ def _fill(fill: Fill) -> dict[str, Any]:
             "rate": fill.fetched / seconds, "clients": fill.waiting_clients, "state": fill.state.name.lower()}
 
 
+health = Route("/healthz", healthz, methods=["GET", "HEAD"])  # on the main and the admin listener
 public_root = [Route("/", running, methods=["GET", "HEAD"])]  # the main listener when --admin-listen is set
 routes = [
     Route("/metrics", metrics, methods=["GET"]),

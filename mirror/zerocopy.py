@@ -3,12 +3,12 @@ response's head and body in one write.
 
 uvicorn offers ASGI apps no zero-copy extension, and uvloop has no ``loop.sendfile``, so
 each served byte would be read into Python and copied out again: on two cores, that copy
-is what a warm blob or a ten-client fill costs. Plain-TCP connections get the
-``mirror.sendfile`` extension here; a response sends::
+is what a warm blob or a ten-client fill costs. Plain-TCP connections get ASGI's zero-copy
+extension here (``scope["extensions"]["http.response.zerocopysend"]``); a response sends::
 
-    {"type": "mirror.sendfile", "fd": fd, "offset": o, "count": n, "more_body": True}
+    {"type": "http.response.zerocopysend", "file": f, "offset": o, "count": n, "more_body": True}
 
-and the kernel moves the bytes. TLS connections (transparent mode) keep the copying path:
+where ``f`` has a ``fileno()``, and the kernel moves the bytes. TLS connections (transparent mode) keep the copying path:
 their bytes must pass through the TLS layer in user space.
 
 uvicorn also writes a response's head and its body with a ``send()`` each. For a small
@@ -24,7 +24,9 @@ from typing import Any
 
 from starlette.types import Message, Send
 
-EXTENSION = "mirror.sendfile"
+from .fds import SharedFd, in_thread
+
+EXTENSION = "http.response.zerocopysend"  # the ASGI zero-copy extension's message and scope key
 DRAIN_POLL = 0.002  # seconds between checks that the transport sent what it had queued
 SMALL = 64 << 10  # bytes of body up to which the head waits for it
 
@@ -98,7 +100,7 @@ class _HeadHeld:
 
 
 async def _sendfile(cycle: Any, send: Send, message: Message) -> None:
-    """Send ``count`` bytes of ``fd`` from ``offset``, then let uvicorn account for them."""
+    """Send ``count`` bytes of ``file`` from ``offset``, then let uvicorn account for them."""
     count, more_body = message["count"], message.get("more_body", False)
     if not cycle.response_started or cycle.response_complete or cycle.chunked_encoding:
         raise RuntimeError(f"{EXTENSION} needs a started response with a Content-Length")
@@ -107,7 +109,7 @@ async def _sendfile(cycle: Any, send: Send, message: Message) -> None:
     if not await _drained(cycle):
         return
     if count:
-        sent = await _send_all(cycle, message["fd"], message.get("offset", 0), count)
+        sent = await _send_all(cycle, message["file"].fileno(), message.get("offset") or 0, count)
         if sent < count:
             return  # the client left: uvicorn's send below would be a no-op too
         cycle.expected_content_length -= count
@@ -119,23 +121,33 @@ async def _drained(cycle: Any) -> bool:
     so ours cannot overtake them; False when the client left meanwhile."""
     while cycle.transport.get_write_buffer_size() and not cycle.disconnected:
         await asyncio.sleep(DRAIN_POLL)
-    return not cycle.disconnected
+    return not cycle.disconnected and not cycle.transport.is_closing()
 
 
-async def _send_all(cycle: Any, fd: int, offset: int, count: int) -> int:
-    """sendfile on a duplicate of the socket's descriptor: the event loop's watchers belong to
-    the transport, and the duplicate stays valid even if the transport closes the original.
-    Returns the bytes sent; fewer than ``count`` only when the client went away."""
+async def _send_all(cycle: Any, file_fd: int, offset: int, count: int) -> int:
+    """sendfile from a worker thread, on duplicates of the socket's and the file's descriptors.
+
+    The duplicates are ours: the transport may close the socket and the app its file at any
+    moment (a client hanging up cancels us), and a job a thread has taken cannot be stopped, so
+    each number stays open until the last system call on it has returned (``fds``). The event
+    loop's watchers belong to the transport; ours wait on the duplicate. Returns the bytes sent;
+    fewer than ``count`` only when the client went away."""
     loop = asyncio.get_running_loop()
-    out = os.dup(cycle.transport.get_extra_info("socket").fileno())
+    out = SharedFd.dup(cycle.transport.get_extra_info("socket").fileno())
+    try:
+        source = SharedFd.dup(file_fd)
+    except BaseException:
+        out.close()
+        raise
     sent = 0
     try:
         while sent < count and not cycle.disconnected:
+            at, left = offset + sent, count - sent
             try:
                 # In a worker thread: the kernel's copy then runs beside the event loop, not on it.
-                n = await asyncio.to_thread(os.sendfile, out, fd, offset + sent, count - sent)
+                n = await in_thread(lambda sock, src: os.sendfile(sock, src, at, left), out, source)
             except BlockingIOError:
-                await _writable(loop, out)
+                await _writable(loop, out.fileno())
                 continue
             except (BrokenPipeError, ConnectionError):
                 cycle.disconnected = True
@@ -144,7 +156,8 @@ async def _send_all(cycle: Any, fd: int, offset: int, count: int) -> int:
                 raise OSError(f"file ended {count - sent} bytes early at offset {offset + sent}")
             sent += n
     finally:
-        os.close(out)
+        out.close()
+        source.close()
     return sent
 
 

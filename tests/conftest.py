@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mirror import Settings, create_app
+from mirror import Settings
 from mirror import logs as mirror_logs
-from mirror.protocol import guarded_protocol
+from mirror.server import build_server
 
 from .fakes import FakeCDN, FakeRegistry, ServerThread
 from .real_ollama import OllamaServer, require_venv
@@ -57,8 +57,7 @@ def start_mirror(registry: FakeRegistry, tmp_path: Path) -> Iterator[MirrorFacto
                                      "listen": "127.0.0.1:0"}
         values.update(overrides)
         settings = Settings(**values)  # type: ignore[arg-type]
-        # The protocol `serve` runs: head limits, and sendfile for blob bodies.
-        server = ServerThread(create_app(settings), http=guarded_protocol(settings.head_timeout)).start()
+        server = ServerThread.running(build_server(settings)).start()  # the server `serve` runs
         servers.append(server)
         return server
 

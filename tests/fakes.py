@@ -30,7 +30,7 @@ Scope = dict[str, Any]
 
 
 class ServerThread:
-    """A real uvicorn server on 127.0.0.1 in a thread of its own (signal handlers off)."""
+    """A real uvicorn server on 127.0.0.1 in a thread of its own (signals stay with the main thread)."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", **config_options: Any) -> None:
         self.sock = socket.socket()
@@ -40,8 +40,17 @@ class ServerThread:
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2,
                                 **config_options)
         self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @classmethod
+    def running(cls, server: Any) -> ServerThread:
+        """A server built elsewhere (the mirror's ``build_server``), run exactly as ``serve`` runs it."""
+        self = cls.__new__(cls)
+        self.server = server
+        self.sock = server.listeners.main
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=server.run, daemon=True)
+        return self
 
     def _run(self) -> None:
         asyncio.run(self.server.serve(sockets=[self.sock]))

@@ -9,6 +9,7 @@ Never is an unverified or wrong blob stored under its final name.
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import hashlib
 import time
 from collections.abc import Iterator
@@ -120,3 +121,41 @@ def test_permanent_fault_fails_every_client_promptly_and_stores_nothing(
     again = _get(url)
     assert isinstance(again, bytes) and again == blob.path.read_bytes()
     assert_store_verified(tmp_path / "cache")
+
+
+def _read_like_urllib(url: str) -> tuple[int, int, int]:
+    """Status, Content-Length and the bytes read as ``shutil.copyfileobj(urlopen(url), f)`` reads
+    them: ``read(n)`` until it returns nothing, which http.client also does at a premature end."""
+    parts = httpx.URL(url)
+    conn = http.client.HTTPConnection(parts.host, parts.port, timeout=60)
+    try:
+        conn.request("GET", parts.raw_path.decode())
+        response = conn.getresponse()
+        got = 0
+        try:
+            while data := response.read(1 << 16):
+                got += len(data)
+        except http.client.IncompleteRead as exc:
+            got += len(exc.partial)
+        return response.status, int(response.headers.get("Content-Length", -1)), got
+    finally:
+        conn.close()
+
+
+def test_fill_failing_before_its_first_byte_answers_an_error_status(
+    proxy: FaultProxy, blob: Blob, start_mirror: MirrorFactory
+) -> None:
+    """Never a 200 whose body ends early: a client that reads with read(n) would take it for a whole blob."""
+    proxy.inject(ProxyFault("status", status=500, times=-1))
+    mirror = start_mirror(**FAST)
+    status, _, got = _read_like_urllib(f"{mirror.url()}/v2/library/faulty/blobs/{blob.digest}")
+    assert status == 502 and got < 2000  # the registry's JSON error, not blob bytes
+
+
+def test_fill_failing_after_its_first_bytes_cuts_the_body_short(
+    proxy: FaultProxy, blob: Blob, start_mirror: MirrorFactory
+) -> None:
+    proxy.inject(ProxyFault("corrupt", after=123_456, times=-1))  # every byte arrives; the digest fails
+    mirror = start_mirror(**FAST)
+    status, length, got = _read_like_urllib(f"{mirror.url()}/v2/library/faulty/blobs/{blob.digest}")
+    assert status == 200 and length == blob.size and got < length

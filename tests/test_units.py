@@ -221,7 +221,7 @@ def test_pieces_written_at_an_offset_land_back_to_back(pieces: list[bytes], cap:
     import os
     import tempfile
 
-    from mirror.fill import _first_bytes
+    from mirror.download import _first_bytes
     from mirror.store import write_at
 
     expected = b"".join(pieces)[:cap]
