@@ -99,7 +99,7 @@ def test_gc_evicts_least_recently_used_models_whole_and_keeps_pinned_and_shared(
 
 
 @contextlib.contextmanager
-def streaming(base: str, path: str) -> Iterator[None]:
+def _streaming(base: str, path: str) -> Iterator[None]:
     """A client in the middle of reading a blob."""
     with httpx.Client(base_url=base, timeout=60) as client, client.stream("GET", path) as response:
         assert response.status_code == 200
@@ -118,7 +118,7 @@ def test_server_evicts_after_a_fill_but_never_what_is_being_served(
     _age(cache, layers["old"], 2000)
     _age(cache, layers["pinned"], 1000)
     # a client still reading the oldest model's blob: that model must survive, the next oldest goes
-    with streaming(mirror.url(), f"/v2/library/old/blobs/{layers['old'][0].digest}"):
+    with _streaming(mirror.url(), f"/v2/library/old/blobs/{layers['old'][0].digest}"):
         _pull(mirror.url(), "new", layers["new"])  # the store passes 6.9 MB: the fill's end starts eviction
         deadline = time.monotonic() + 20
         while blob_path(cache, layers["pinned"][0]).exists() and time.monotonic() < deadline:
