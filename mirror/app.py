@@ -36,7 +36,7 @@ from .responses import error_response, registry_error
 from .metrics import Metrics
 from .routes import fallback
 from .routes import routes as registry_routes
-from .store import BlobStore
+from .store import BlobStore, Removed
 from .upstream import Throttle, Upstream
 
 log = logging.getLogger("mirror")
@@ -87,9 +87,17 @@ class Mirror:
             registry.manifests.forget(model.name, model.tag)
 
     def busy(self) -> set[Digest]:
-        """Blobs being filled or served: eviction never touches them."""
-        served = {d for r in self.registries.values() for d in r.blobs.serving}
-        return served | {fill.digest for fill in self.engine.active}
+        """The blobs this process is serving: what it tells the store's deletion path, which
+        learns of fills (this process's and others') from their staging locks."""
+        return {digest for registry in self.registries.values() for digest in registry.blobs.serving}
+
+    async def remove(self, tags: list[CachedModel], by: str) -> Removed:
+        """Remove tags and the blobs no longer in use, then drop the tags from memory at once
+        (other processes on the cache notice the store's generation within a second)."""
+        removed = await asyncio.to_thread(self.store.remove, tags, (), self.busy(), self.meta, by)
+        for model in tags:
+            self.forget(model)
+        return removed
 
     @functools.cached_property
     def default(self) -> Registry:
@@ -152,7 +160,7 @@ def _start_eviction(mirror: Mirror) -> asyncio.Task[None] | None:
     if high is None:
         return None
     low = int(high * mirror.settings.low_watermark)
-    mirror.evictor = Evictor(mirror.layout, mirror.meta, high, low, mirror.busy, mirror.forget)
+    mirror.evictor = Evictor(mirror.store, mirror.meta, high, low, mirror.busy, mirror.forget)
     mirror.engine.finished.append(lambda fill: mirror.evictor.poke() if mirror.evictor else None)
     log.info("eviction on max_size=%d low_watermark=%d", high, low)
     mirror.evictor.poke()  # a store already over the limit is brought under it at start

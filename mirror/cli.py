@@ -39,6 +39,7 @@ from .models import CachedModel
 from .names import ModelRef
 from .progress import Progress, human
 from .server import ListenError, build_server
+from .store import BlobStore
 
 log = logging.getLogger("mirror")
 
@@ -150,6 +151,10 @@ def _layout(settings: Settings) -> Layout:
     return layout
 
 
+def _store(settings: Settings) -> BlobStore:
+    return BlobStore(Layout(settings.cache_dir, settings.default_host))
+
+
 def _resolve(layout: Layout, text: str) -> CachedModel:
     ref = ModelRef.parse(text)
     found = models.load(layout, ref.host or layout.host, ref.name, ref.tag)
@@ -179,14 +184,14 @@ async def _pull(settings: Settings, refs: list[ModelRef]) -> None:
 
 
 def cmd_import(settings: Settings, args: argparse.Namespace) -> None:
-    layout = _layout(settings)
+    store = _store(settings)
     if args.path == "-":  # a bundle on stdin: ollama-mirror export --to - | ssh host ollama-mirror import -
         bar = Progress("import from stdin", 0)
-        report = seeding.import_tar(layout, sys.stdin.buffer, bar.advance)
+        report = seeding.import_tar(store, sys.stdin.buffer, bar.advance)
     else:
         source = Path(args.path).expanduser()
         bar = Progress(f"import {source.name}", _size_of(source))
-        report = seeding.import_path(layout, source, bar.advance)
+        report = seeding.import_path(store, source, bar.advance)
     bar.finish()
     _print_report(report)
     if report.refused:
@@ -243,14 +248,20 @@ def cmd_ls(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_rm(settings: Settings, args: argparse.Namespace) -> None:
-    layout = _layout(settings)
-    for text in args.models:
-        model = _resolve(layout, text)
-        removed = models.remove(layout, model, busy=())
-        print(f"removed {text} and {len(removed)} blobs no other model uses", file=sys.stderr)
+    """Through the store's one deletion path: a blob another model names or a server is filling stays."""
+    store = _store(settings)
+    meta = Metadata(store.layout.meta)
+    try:
+        for text in args.models:
+            removed = store.remove([_resolve(store.layout, text)], meta=meta, by="rm")
+            print(f"removed {text} and {len(removed.blobs)} blobs no other model uses ({human(removed.freed)})",
+                  file=sys.stderr)
+    finally:
+        meta.close()
 
 
 def cmd_pin(settings: Settings, args: argparse.Namespace, pinned: bool = True) -> None:
+    """Pins live in the metadata database, which a running server's eviction reads on every run."""
     layout = _layout(settings)
     meta = Metadata(layout.meta)
     try:
@@ -282,23 +293,22 @@ def cmd_freeze(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_gc(settings: Settings, args: argparse.Namespace) -> None:
-    layout = _layout(settings)
+    store = _store(settings)
     high = settings.max_bytes()
     low = int(high * settings.low_watermark) if high is not None else None
-    meta = Metadata(layout.meta)
+    meta = Metadata(store.layout.meta)
     try:
-        chosen = eviction.plan(layout, meta, high, low, force=True)
+        chosen = eviction.plan(store, meta, high, low, force=True)
         for model in chosen.models:
             print(f"{'would evict' if args.dry_run else 'evict'} {model.display_name}  {human(model.size)}")
         orphans = set(chosen.blobs) - {layer.digest for m in chosen.models for layer in m.blobs}
         for digest in sorted(orphans, key=str):
             print(f"{'would remove' if args.dry_run else 'remove'} unused blob {digest.short}  "
                   f"{human(chosen.blobs[digest])}")
-        if not args.dry_run:
-            eviction.execute(layout, meta, chosen)
+        done = chosen if args.dry_run else eviction.execute(store, meta, chosen, by="gc")
         limit = f", low watermark {human(chosen.low)}" if high is not None else ""
         print(f"store {human(chosen.usage)}{limit}: {'would free' if args.dry_run else 'freed'} "
-              f"{human(chosen.freed)} ({len(chosen.models)} models, {len(chosen.blobs)} blobs)", file=sys.stderr)
+              f"{human(done.freed)} ({len(done.models)} models, {len(done.blobs)} blobs)", file=sys.stderr)
     finally:
         meta.close()
 

@@ -4,10 +4,12 @@ When the blobs pass the high watermark (max_size), models are removed, oldest us
 until the store is under the low watermark. A model's last use is the latest access of
 any of its blobs (recorded on hits, at most once a minute per blob) or its manifest's
 time. Removing a model removes its tag and the blobs no kept model shares; pinned models
-and blobs being filled or served are never touched. Blobs no manifest refers to go first.
+and blobs in use (``BlobStore.in_use``: being filled or served) are never touched. Blobs no
+manifest refers to go first.
 
-Manifests are removed before blobs, so a kill in the middle leaves at worst unreferenced
-blobs (the next run removes them), never a tag whose blobs are gone by our hand.
+This module only chooses; ``BlobStore.remove`` removes, as it does for ``ollama rm`` and
+``ollama-mirror rm``: manifests before blobs, so a kill in the middle leaves at worst
+unreferenced blobs (the next run removes them), never a tag whose blobs are gone by our hand.
 Blocking functions; the server runs them in a thread.
 """
 
@@ -17,7 +19,7 @@ import asyncio
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from . import models
@@ -25,6 +27,7 @@ from .layout import Layout
 from .metadata import Metadata
 from .models import CachedModel
 from .names import Digest
+from .store import BlobStore, Removed
 
 log = logging.getLogger("mirror.eviction")
 
@@ -64,17 +67,19 @@ def store_usage(layout: Layout) -> int:
     return sum(s.st_size for s in stored_blobs(layout).values()) + staged
 
 
-def plan(layout: Layout, meta: Metadata, high: int | None, low: int | None, busy: Iterable[Digest] = (),
-         force: bool = False) -> Plan:
+def plan(store: BlobStore, meta: Metadata, high: int | None, low: int | None,
+         serving: Collection[Digest] = (), force: bool = False) -> Plan:
     """What to remove to bring the store from above ``high`` down to ``low``; ``force``
-    plans even below ``high`` (``gc`` on demand). Without limits: only unreferenced blobs."""
+    plans even below ``high`` (``gc`` on demand). Without limits: only unreferenced blobs.
+    ``serving``: the blobs the calling process is serving."""
+    layout = store.layout
     blobs = stored_blobs(layout)
     usage = store_usage(layout)
     result = Plan(usage, usage if high is None else high, 0 if low is None else low)
     if high is not None and usage <= high and not force:
         return result
-    busy = set(busy)
     everything = models.list_models(layout)
+    busy = store.busy({*blobs, *(layer.digest for m in everything for layer in m.blobs)}, serving)
     kept_uses = Counter(layer.digest for m in everything for layer in set(m.blobs))
 
     def last_use(digest: Digest) -> float:
@@ -107,22 +112,15 @@ def plan(layout: Layout, meta: Metadata, high: int | None, low: int | None, busy
     return result
 
 
-def execute(layout: Layout, meta: Metadata, chosen: Plan) -> None:
-    """Remove the planned tags, then the planned blobs; each logged."""
-    for model in chosen.models:
-        models.remove_tag(layout, model)
-        log.info("evicted model=%s/%s:%s host=%s size=%d", model.name.namespace, model.name.model, model.tag,
-                 model.host, model.size)
-    for digest, size in chosen.blobs.items():
-        try:
-            os.unlink(layout.blob(digest))
-        except FileNotFoundError:
-            continue
-        meta.forget_access(digest)
-        log.info("evicted blob digest=%s bytes=%d", digest.short, size)
-    if chosen.models or chosen.blobs:
-        log.info("eviction done models=%d blobs=%d freed=%d usage_before=%d low_watermark=%d",
-                 len(chosen.models), len(chosen.blobs), chosen.freed, chosen.usage, chosen.low)
+def execute(store: BlobStore, meta: Metadata, chosen: Plan, serving: Collection[Digest] = (),
+            by: str = "eviction") -> Removed:
+    """Remove the planned tags and blobs through the store, which keeps whatever became in use
+    since the plan was made; each removal is logged there, the sum here."""
+    removed = store.remove(chosen.models, chosen.blobs, serving, meta, by)
+    if removed.models or removed.blobs:
+        log.info("evicted models=%d blobs=%d freed=%d usage_before=%d low_watermark=%d by=%s",
+                 len(removed.models), len(removed.blobs), removed.freed, chosen.usage, chosen.low, by)
+    return removed
 
 
 class Evictor:
@@ -130,9 +128,10 @@ class Evictor:
 
     INTERVAL = 60.0
 
-    def __init__(self, layout: Layout, meta: Metadata, high: int, low: int,
-                 busy: Callable[[], set[Digest]], forget: Callable[[CachedModel], None]) -> None:
-        self._layout, self._meta, self.high, self.low, self._busy = layout, meta, high, low, busy
+    def __init__(self, store: BlobStore, meta: Metadata, high: int, low: int,
+                 serving: Callable[[], set[Digest]], forget: Callable[[CachedModel], None]) -> None:
+        self._store, self._meta, self.high, self.low = store, meta, high, low
+        self._serving = serving  # the blobs this process is serving now
         self._forget = forget  # drops an evicted tag from the manifest services' memory
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -141,13 +140,14 @@ class Evictor:
 
     async def run_once(self, force: bool = False) -> Plan:
         async with self._lock:
-            chosen = await asyncio.to_thread(plan, self._layout, self._meta, self.high, self.low, self._busy(), force)
+            chosen = await asyncio.to_thread(plan, self._store, self._meta, self.high, self.low,
+                                             self._serving(), force)
             if chosen.models or chosen.blobs:
-                await asyncio.to_thread(execute, self._layout, self._meta, chosen)
-                for model in chosen.models:
+                removed = await asyncio.to_thread(execute, self._store, self._meta, chosen, self._serving())
+                for model in removed.models:
                     self._forget(model)
-                self.evicted_models += len(chosen.models)
-                self.evicted_bytes += chosen.freed
+                self.evicted_models += len(removed.models)
+                self.evicted_bytes += removed.freed
             return chosen
 
     def poke(self) -> None:

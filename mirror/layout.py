@@ -10,8 +10,9 @@ Ollama as ``OLLAMA_MODELS`` or copied to an offline machine as it is::
         manifests/sha256-<hex>                       every manifest we served, by its digest
         staging/sha256-<hex>.data                    a blob being filled (preallocated)
         staging/sha256-<hex>.lock                    flock: which process owns the fill
-        staging/tmp-*                                manifests being written
+        staging/tmp-*                                manifests and small files being written
         meta/                                        diskcache: fetch times, access times, fill progress
+        generation                                   replaced whenever a tag is written or removed
 
 Nothing reaches ``blobs/`` or ``manifests/`` except by an atomic rename of a
 file whose content was checked first.
@@ -55,6 +56,11 @@ class Layout:
     @property
     def manifests_by_digest(self) -> Path:
         return self.state / "manifests"
+
+    @property
+    def generation(self) -> Path:
+        """Replaced on every change of the tags, so servers sharing the cache notice it."""
+        return self.state / "generation"
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / f"sha256-{digest.hex}"

@@ -10,10 +10,9 @@ upstream sent them: Ollama's model ID is their sha256.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import sqlite3
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,24 +21,32 @@ from pathlib import Path
 from cachetools import LRUCache, TTLCache
 
 from .config import Settings
-from .errors import DigestInvalid, ManifestUnknown, UpstreamError, UpstreamInvalid, UpstreamRefused
+from .errors import ManifestUnknown, UpstreamError, UpstreamInvalid, UpstreamRefused
+from .manifest import MANIFEST_V2, Manifest, ManifestInvalid
 from .metadata import ManifestRecord, Metadata
 from .names import Digest, Name
-from .store import BlobStore
+from .store import BlobStore, Generation
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
-MANIFEST_TYPES = (MANIFEST_V2, "application/vnd.oci.image.manifest.v1+json")
-
 
 @dataclass(frozen=True, slots=True)
 class CachedManifest:
-    data: bytes
-    digest: Digest
-    media_type: str
+    parsed: Manifest
     fetched_at: float  # unix time upstream last confirmed it; 0 when unknown
+
+    @property
+    def data(self) -> bytes:
+        return self.parsed.data
+
+    @property
+    def digest(self) -> Digest:
+        return self.parsed.digest
+
+    @property
+    def media_type(self) -> str:
+        return self.parsed.media_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,28 +55,9 @@ class ManifestAnswer:
     cache: str  # "hit", "miss" (fetched now), "revalidated" or "stale"
 
 
-def parse_manifest(data: bytes) -> tuple[str, dict[Digest, int]]:
-    """Check that ``data`` is an image manifest; return its media type and its blobs' sizes."""
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
-        raise UpstreamInvalid("upstream manifest is not JSON") from None
-    if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
-        raise UpstreamInvalid("upstream manifest is not a schema 2 image manifest")
-    descriptors = [doc.get("config")] + list(doc.get("layers") or [])
-    sizes: dict[Digest, int] = {}
-    for item in descriptors:
-        if not isinstance(item, dict) or not isinstance(item.get("size"), int) or item["size"] < 0:
-            raise UpstreamInvalid("upstream manifest has a layer without a valid size")
-        try:
-            sizes[Digest.parse(str(item.get("digest", "")))] = item["size"]
-        except DigestInvalid:
-            raise UpstreamInvalid("upstream manifest has a layer with an invalid digest") from None
-    media_type = doc.get("mediaType")
-    return (media_type if media_type in MANIFEST_TYPES else MANIFEST_V2), sizes
-
-
 class ManifestService:
+    GENERATION_CHECK = 1.0  # seconds between looks at the store's generation (tests lower it)
+
     def __init__(self, store: BlobStore, meta: Metadata, upstream: Upstream, settings: Settings, host: str) -> None:
         self._store, self._meta, self._upstream = store, meta, upstream
         self._host = host  # the registry host its tags are stored under
@@ -79,6 +67,8 @@ class ManifestService:
         self._missing: TTLCache[tuple[str, str, str], bool] = TTLCache(maxsize=4096, ttl=settings.negative_ttl)
         self._inflight: dict[tuple[object, ...], asyncio.Task[CachedManifest]] = {}
         self._locked = load_lock(settings.lock, self._host) if settings.lock else {}
+        self._generation: Generation | None = None  # the store's, when the memory was last trusted
+        self._generation_checked = -float("inf")  # monotonic time of the last look
 
     async def by_tag(
         self, name: Name, tag: str, client_headers: Mapping[str, str], revalidate: bool = False
@@ -87,6 +77,7 @@ class ManifestService:
         key = (name.namespace.lower(), name.model.lower(), tag.lower())
         if key in self._locked:
             return await self._by_lock(key, name, tag, client_headers)
+        await self._drop_memory_if_changed()
         local = self._memory.get(key) or await asyncio.to_thread(self._load, name, tag)
         if local is not None:
             self._remember(key, local)
@@ -152,12 +143,13 @@ class ManifestService:
         self, key: tuple[str, str, str], name: Name, tag: str, headers: Mapping[str, str]
     ) -> CachedManifest:
         fetched = await self._upstream.get_manifest(name, tag, headers)
-        media_type, sizes = parse_manifest(fetched.data)
-        manifest = CachedManifest(
-            fetched.data, Digest(hashlib.sha256(fetched.data).hexdigest()), media_type, time.time()
-        )
         try:
-            await asyncio.to_thread(self._save, name, tag, manifest, sizes)
+            parsed = Manifest.parse(fetched.data)
+        except ManifestInvalid as exc:
+            raise UpstreamInvalid(f"upstream sent an invalid manifest for {name}:{tag}: {exc}") from None
+        manifest = CachedManifest(parsed, time.time())
+        try:
+            await asyncio.to_thread(self._save, name, tag, manifest)
         except (OSError, sqlite3.OperationalError) as exc:  # a full disk: serve it, uncached
             log.warning("manifest not cached name=%s tag=%s reason=%s; serving it from memory", name, tag, exc)
         self._remember(key, manifest)
@@ -166,9 +158,9 @@ class ManifestService:
                  len(manifest.data))
         return manifest
 
-    def _save(self, name: Name, tag: str, manifest: CachedManifest, sizes: dict[Digest, int]) -> None:
+    def _save(self, name: Name, tag: str, manifest: CachedManifest) -> None:
         self._store.write_manifest(name, tag, manifest.data, manifest.digest, self._host)
-        self._meta.set_blob_sizes(sizes)
+        self._meta.set_blob_sizes(manifest.parsed.sizes)
         record = ManifestRecord(manifest.fetched_at, self._upstream.base_url, str(manifest.digest))
         self._meta.set_manifest(self._host, name, tag, record)
 
@@ -176,11 +168,14 @@ class ManifestService:
         data = self._store.read_manifest(name, tag, self._host)
         if data is None:
             return None
+        try:
+            parsed = Manifest.parse(data)
+        except ManifestInvalid as exc:  # never written by us; fetched again as if absent
+            log.warning("manifest unreadable name=%s tag=%s reason=%s", name, tag, exc)
+            return None
         record = self._meta.manifest(self._host, name, tag)
-        media_type = _media_type_of(data)
-        digest = Digest(hashlib.sha256(data).hexdigest())
-        fetched_at = record.fetched_at if record is not None and record.digest == str(digest) else 0.0
-        return CachedManifest(data, digest, media_type, fetched_at)
+        fetched_at = record.fetched_at if record is not None and record.digest == str(parsed.digest) else 0.0
+        return CachedManifest(parsed, fetched_at)
 
     def _remember(self, key: tuple[str, str, str], manifest: CachedManifest) -> None:
         self._memory[key] = manifest
@@ -205,14 +200,34 @@ class ManifestService:
         """Drop a removed tag from memory, so it is not served from there."""
         self._memory.pop((name.namespace.lower(), name.model.lower(), tag.lower()), None)
 
+    async def _drop_memory_if_changed(self) -> None:
+        """Another process (``ollama-mirror rm``, ``gc``, ``import``, ``pull``) may have changed the
+        tags on disk: at most once a second, compare the store's generation, and when it moved,
+        forget every tag, so each is read from disk again. Manifests by digest never change."""
+        now = time.monotonic()
+        if now - self._generation_checked < self.GENERATION_CHECK:
+            return
+        self._generation_checked = now  # before the await: concurrent requests do not look too
+        generation = await asyncio.to_thread(self._store.generation)
+        if generation != self._generation:
+            if self._generation is not None and self._memory:
+                log.info("manifest memory dropped tags=%d reason=the cache's tags changed on disk",
+                         len(self._memory))
+            self._memory.clear()
+            self._generation = generation
+
     async def by_digest(self, digest: Digest) -> CachedManifest:
         """A manifest by digest: only from the store, since the registry does not answer these."""
         manifest = self._by_digest.get(digest)
         if manifest is None:
             data = await asyncio.to_thread(self._store.read_manifest_by_digest, digest)
-            if data is None:
+            try:
+                parsed = Manifest.parse(data) if data is not None else None
+            except ManifestInvalid:
+                parsed = None
+            if parsed is None:
                 raise ManifestUnknown(f"manifest {digest} is not in the mirror")
-            manifest = CachedManifest(data, digest, _media_type_of(data), 0.0)
+            manifest = CachedManifest(parsed, 0.0)
             self._by_digest[digest] = manifest
         return manifest
 
@@ -229,10 +244,3 @@ def load_lock(path: Path, host: str) -> dict[tuple[str, str, str], Digest]:
         name = Name.parse(path_part)
         locked[(name.namespace.lower(), name.model.lower(), tag.lower())] = Digest.parse(digest)
     return locked
-
-
-def _media_type_of(data: bytes) -> str:
-    try:
-        return parse_manifest(data)[0]
-    except UpstreamInvalid:
-        return MANIFEST_V2

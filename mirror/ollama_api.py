@@ -154,9 +154,7 @@ def _host(request: Request, ref: ModelRef) -> str:
 async def delete(request: Request) -> Response:
     _, ref = await _request_model(request)
     model = await _find(request, ref)
-    busy = [fill.digest for fill in request.app.state.engine.active]
-    await asyncio.to_thread(models.remove, request.app.state.layout, model, busy)
-    request.app.state.mirror.forget(model)
+    await request.app.state.mirror.remove([model], by="api")
     return Response(status_code=200)
 
 

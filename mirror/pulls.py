@@ -11,10 +11,9 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 
 from .blobs import BlobService
-from .errors import ManifestUnknown
 from .fill import Fill
+from .manifest import Layer
 from .manifests import ManifestService
-from .models import Layer, parse_layers
 from .names import ModelRef
 
 PROGRESS_INTERVAL = 0.25  # seconds between progress lines per layer
@@ -28,11 +27,7 @@ class PullService:
         """Progress events, in the shapes Ollama's CLI parses (api.ProgressResponse)."""
         yield {"status": "pulling manifest"}
         answer = await self._manifests.by_tag(ref.name, ref.tag, headers, revalidate=True)
-        try:
-            config, layers = parse_layers(answer.manifest.data)
-        except ValueError as exc:
-            raise ManifestUnknown(f"manifest of {ref} is unreadable: {exc}") from exc
-        blobs = [*layers, config]
+        blobs = list(answer.manifest.parsed.blobs)  # parsed once, where it was fetched or read
         fills = {layer.digest: await self._blobs.ensure(ref.name, layer.digest, layer.size) for layer in blobs}
         async for event in self._progress(blobs, fills):
             yield event

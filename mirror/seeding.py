@@ -1,7 +1,8 @@
 """Seeding and air-gap: import from Ollama models directories and bundles, export, verify.
 
 Every blob written is hashed on the way and reaches its final name only by an
-atomic rename after its sha256 matched, here as in the fill engine. A manifest is
+atomic rename after its sha256 matched, here as in the fill engine; every file
+goes through the store's ``copy_verified`` or ``write_atomic``. A manifest is
 written only once every blob it names is present, so a store never holds a model
 it cannot serve. Runs that are interrupted start again where they stopped:
 what is complete and verified under its final name is skipped.
@@ -18,22 +19,21 @@ import logging
 import os
 import shutil
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from .errors import DigestInvalid, NameInvalid
 from .layout import Layout
-from .models import CachedModel, list_models, parse_layers
+from .manifest import Manifest, ManifestInvalid
+from .models import CachedModel, list_models
 from .names import Digest, Name, parse_tag
+from .store import BlobStore, OnBytes, copy_verified, hash_file, write_atomic
 
 log = logging.getLogger(__name__)
 
-COPY_SIZE = 4 << 20
 INDEX_NAME = "ollama-mirror-index.json"
-
-OnBytes = Callable[[int], None]
 
 
 @dataclass
@@ -48,154 +48,117 @@ class Report:
         return dict(self.__dict__)
 
 
-def copy_verified(source: BinaryIO, digest: Digest, dest: Path, staging: Path, on_bytes: OnBytes) -> int:
-    """Copy a blob to ``dest`` through a staging file, hashing it; publish only if it matches.
-
-    Raises ValueError when the bytes do not hash to ``digest``.
-    """
-    staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / f"tmp-copy-{digest.hex}-{os.getpid()}"
-    h = hashlib.sha256()
-    size = 0
-    try:
-        with open(tmp, "wb") as out:
-            while data := source.read(COPY_SIZE):
-                h.update(data)
-                out.write(data)
-                size += len(data)
-                on_bytes(len(data))
-            out.flush()
-            os.fsync(out.fileno())
-        if h.hexdigest() != digest.hex:
-            raise ValueError(f"content hashes to sha256:{h.hexdigest()}, not {digest}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return size
-
-
-def write_atomic(path: Path, data: bytes, staging: Path) -> None:
-    staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / f"tmp-{path.name}-{os.getpid()}"
-    tmp.write_bytes(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)
-
-
 # -- import -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Manifest:
+class _Found:
+    """A manifest found in a models directory or a bundle, with the tag its path names."""
+
     host: str
     name: Name
     tag: str
-    data: bytes
-    blobs: tuple[tuple[Digest, int], ...]
+    manifest: Manifest
 
     def __str__(self) -> str:
         return f"{self.host}/{self.name}:{self.tag}"
 
 
-def _manifest_at(relative: Path, data: bytes) -> _Manifest:
+def _manifest_at(relative: Path, data: bytes) -> _Found:
     """A manifest found at ``manifests/<host>/<ns>/<model>/<tag>``; ValueError if it is not one."""
     parts = relative.parts
     if len(parts) != 4 or any(p in ("", ".", "..") for p in parts) or "/" in parts[0] or "\\" in parts[0]:
         raise ValueError(f"unexpected manifest path {relative}")
     try:
-        name, tag = Name.parse(f"{parts[1]}/{parts[2]}"), parse_tag(parts[3])
-        config, layers = parse_layers(data)
-    except (NameInvalid, DigestInvalid) as exc:
+        return _Found(parts[0], Name.parse(f"{parts[1]}/{parts[2]}"), parse_tag(parts[3]), Manifest.parse(data))
+    except (NameInvalid, ManifestInvalid) as exc:
         raise ValueError(str(exc)) from None
-    return _Manifest(parts[0], name, tag, data, tuple((b.digest, b.size) for b in (*layers, config)))
 
 
-def import_path(layout: Layout, source: Path, on_bytes: OnBytes) -> Report:
+def import_path(store: BlobStore, source: Path, on_bytes: OnBytes) -> Report:
     """Import every model of an Ollama models directory or an export bundle (a tar file or pipe)."""
     if source.is_dir():
-        return import_dir(layout, source, on_bytes)
+        return import_dir(store, source, on_bytes)
     with open(source, "rb") as f:
-        return import_tar(layout, f, on_bytes)
+        return import_tar(store, f, on_bytes)
 
 
-def import_dir(layout: Layout, source: Path, on_bytes: OnBytes) -> Report:
+def import_dir(store: BlobStore, source: Path, on_bytes: OnBytes) -> Report:
     report = Report()
     root = source / "manifests"
     for path in sorted(p for p in root.glob("*/*/*/*") if p.is_file()):
         try:
-            manifest = _manifest_at(path.relative_to(root), path.read_bytes())
+            found = _manifest_at(path.relative_to(root), path.read_bytes())
         except ValueError as exc:
             report.refused[str(path.relative_to(source))] = str(exc)
             continue
         complete = True
-        for digest, _size in manifest.blobs:
-            if layout.blob(digest).exists():
+        for layer in found.manifest.blobs:
+            if store.blob_size(layer.digest) is not None:
                 report.blobs_skipped += 1
                 continue
-            blob = source / "blobs" / f"sha256-{digest.hex}"
             try:
-                with open(blob, "rb") as f:
-                    report.bytes_copied += copy_verified(f, digest, layout.blob(digest), layout.staging, on_bytes)
+                with open(source / "blobs" / f"sha256-{layer.digest.hex}", "rb") as f:
+                    report.bytes_copied += store.ingest(f, layer.digest, on_bytes)
                 report.blobs_copied += 1
             except (OSError, ValueError) as exc:
-                report.refused[str(digest)] = f"{exc}"
-                log.warning("import refused blob=%s model=%s reason=%s", digest.short, manifest, exc)
+                report.refused[str(layer.digest)] = f"{exc}"
+                log.warning("import refused blob=%s model=%s reason=%s", layer.digest.short, found, exc)
                 complete = False
-        _finish_manifest(layout, manifest, complete, report)
+        _finish_manifest(store, found, complete, report)
     return report
 
 
-def import_tar(layout: Layout, stream: BinaryIO, on_bytes: OnBytes) -> Report:
+def import_tar(store: BlobStore, stream: BinaryIO, on_bytes: OnBytes) -> Report:
     """Import a bundle read as a stream: blobs as they come, manifests once their blobs are in."""
     report = Report()
-    manifests: list[_Manifest] = []
+    manifests: list[_Found] = []
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             parts = Path(member.name).parts
             if not member.isfile() or not parts:
                 continue
             if parts[0] == "blobs" and len(parts) == 2:
-                _import_tar_blob(layout, tar, member, report, on_bytes)
+                _import_tar_blob(store, tar, member, report, on_bytes)
             elif parts[0] == "manifests":
                 extracted = tar.extractfile(member)
                 try:
                     manifests.append(_manifest_at(Path(*parts[1:]), extracted.read(4 << 20) if extracted else b""))
                 except ValueError as exc:
                     report.refused[member.name] = str(exc)
-    for manifest in manifests:
-        _finish_manifest(layout, manifest, all(layout.blob(d).exists() for d, _ in manifest.blobs), report)
+    for found in manifests:
+        complete = all(store.blob_size(layer.digest) is not None for layer in found.manifest.blobs)
+        _finish_manifest(store, found, complete, report)
     return report
 
 
-def _import_tar_blob(layout: Layout, tar: tarfile.TarFile, member: tarfile.TarInfo, report: Report,
+def _import_tar_blob(store: BlobStore, tar: tarfile.TarFile, member: tarfile.TarInfo, report: Report,
                      on_bytes: OnBytes) -> None:
     try:
         digest = Digest.parse(Path(member.name).name)
     except DigestInvalid:
         report.refused[member.name] = "not a blob name"
         return
-    if layout.blob(digest).exists():
+    if store.blob_size(digest) is not None:
         report.blobs_skipped += 1
         return
     extracted = tar.extractfile(member)
     assert extracted is not None
     try:
-        report.bytes_copied += copy_verified(extracted, digest, layout.blob(digest), layout.staging, on_bytes)
+        report.bytes_copied += store.ingest(extracted, digest, on_bytes)
         report.blobs_copied += 1
     except ValueError as exc:
         report.refused[str(digest)] = str(exc)
         log.warning("import refused blob=%s reason=%s", digest.short, exc)
 
 
-def _finish_manifest(layout: Layout, manifest: _Manifest, complete: bool, report: Report) -> None:
+def _finish_manifest(store: BlobStore, found: _Found, complete: bool, report: Report) -> None:
+    """Write the tag once every blob it names is in the store (the store tells running servers)."""
     if not complete:
-        report.refused[str(manifest)] = "some of its blobs are missing or failed verification"
+        report.refused[str(found)] = "some of its blobs are missing or failed verification"
         return
-    digest = Digest(hashlib.sha256(manifest.data).hexdigest())
-    write_atomic(layout.manifest_by_digest(digest), manifest.data, layout.staging)
-    write_atomic(layout.manifest(manifest.name, manifest.tag, manifest.host), manifest.data, layout.staging)
-    report.models.append(str(manifest))
+    store.write_manifest(found.name, found.tag, found.manifest.data, found.manifest.digest, found.host)
+    report.models.append(str(found))
 
 
 # -- export -------------------------------------------------------------------------------
@@ -221,9 +184,9 @@ def export_dir(layout: Layout, chosen: Iterable[CachedModel], dest: Path, on_byt
                 report.blobs_copied += 1
             index[f"blobs/sha256-{layer.digest.hex}"] = {"sha256": layer.digest.hex, "size": layer.size}
         relative = _manifest_relative(model)
-        write_atomic(dest / relative, model.manifest, staging)
-        index[relative] = {"sha256": model.digest.hex, "size": len(model.manifest)}
-        report.models.append(f"{model.host}/{model.name}:{model.tag}")
+        write_atomic(dest / relative, model.manifest.data, staging)
+        index[relative] = {"sha256": model.digest.hex, "size": len(model.manifest.data)}
+        report.models.append(str(model))
     write_atomic(dest / INDEX_NAME, json.dumps({"files": index}, indent=1).encode(), staging)
     shutil.rmtree(staging, ignore_errors=True)
     return report
@@ -254,9 +217,9 @@ def export_tar(layout: Layout, chosen: Iterable[CachedModel], out: BinaryIO, on_
                 index[name] = {"sha256": layer.digest.hex, "size": layer.size}
         for model in models:
             relative = _manifest_relative(model)
-            _add_bytes(tar, relative, model.manifest)
-            index[relative] = {"sha256": model.digest.hex, "size": len(model.manifest)}
-            report.models.append(f"{model.host}/{model.name}:{model.tag}")
+            _add_bytes(tar, relative, model.manifest.data)
+            index[relative] = {"sha256": model.digest.hex, "size": len(model.manifest.data)}
+            report.models.append(str(model))
         _add_bytes(tar, INDEX_NAME, json.dumps({"files": index}, indent=1).encode())
     return report
 
@@ -292,19 +255,14 @@ def verify_store(layout: Layout, on_bytes: OnBytes) -> dict[str, list[str]]:
     users: dict[Digest, list[str]] = {}
     for model in list_models(layout):
         for layer in model.blobs:
-            users.setdefault(layer.digest, []).append(f"{model.host}/{model.name}:{model.tag}")
+            users.setdefault(layer.digest, []).append(str(model))
     bad: dict[str, list[str]] = {}
     for path in sorted(layout.blobs.glob("sha256-*")):
         try:
             digest = Digest.parse(path.name)
         except DigestInvalid:
             continue
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while data := f.read(COPY_SIZE):
-                h.update(data)
-                on_bytes(len(data))
-        if h.hexdigest() != digest.hex:
+        if hash_file(path, on_bytes) != digest.hex:
             quarantine.mkdir(parents=True, exist_ok=True)
             os.replace(path, quarantine / path.name)
             bad[str(digest)] = users.get(digest, [])

@@ -1,9 +1,12 @@
-"""The disk: verified blobs and manifests, staging files, atomic publishing.
+"""The disk: verified blobs and manifests, staging files, atomic publishing, removal.
 
 Every function here is blocking; async callers run them through
 ``asyncio.to_thread``. Nothing reaches a final name except by ``os.replace``
-after its bytes were checked, so a crash at any moment leaves at most a stray
-file in staging, which ``sweep`` removes.
+after its bytes were checked (``publish``, ``copy_verified``, ``write_atomic``),
+so a crash at any moment leaves at most a stray file in staging, which ``sweep``
+removes. Tags and blobs leave the store through ``BlobStore.remove`` alone, and
+every change of the tags replaces the generation file, so that other processes
+serving the same cache stop answering from what they remember.
 """
 
 from __future__ import annotations
@@ -15,15 +18,36 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
+from . import models
 from .errors import StoreFull
 from .layout import Layout
+from .metadata import Metadata
+from .models import CachedModel
 from .names import Digest, Name
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 4 << 20
+
+OnBytes = Callable[[int], None]  # progress: called with the size of each piece read
+Generation = tuple[int, int, int]  # the generation file's (inode, mtime_ns, ctime_ns): new on every change
+
+
+@dataclass
+class Removed:
+    """What one ``BlobStore.remove`` took away."""
+
+    models: list[CachedModel] = field(default_factory=list)
+    blobs: dict[Digest, int] = field(default_factory=dict)  # digest -> bytes freed
+
+    @property
+    def freed(self) -> int:
+        return sum(self.blobs.values())
 
 
 class BlobStore:
@@ -99,12 +123,9 @@ class BlobStore:
     def discard_staging(self, digest: Digest) -> None:
         self.layout.staging_data(digest).unlink(missing_ok=True)
 
-    def hash_file(self, path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb", buffering=0) as f:
-            while data := f.read(READ_SIZE):
-                h.update(data)
-        return h.hexdigest()
+    def ingest(self, source: BinaryIO, digest: Digest, on_bytes: OnBytes | None = None) -> int:
+        """Copy a blob from ``source`` into the store, verified (ValueError if it is not ``digest``)."""
+        return copy_verified(source, digest, self.layout.blob(digest), self.layout.staging, on_bytes)
 
     # -- the lock that says which process owns a fill ----------------------------
 
@@ -132,24 +153,122 @@ class BlobStore:
         return data if data is not None and hashlib.sha256(data).hexdigest() == digest.hex else None
 
     def write_manifest(self, name: Name, tag: str, data: bytes, digest: Digest, host: str | None = None) -> None:
-        """Write the raw bytes under their digest and under the tag, each atomically, if not there yet."""
-        for path in (self.layout.manifest_by_digest(digest), self.layout.manifest(name, tag, host)):
-            if _read_or_none(path) != data:
-                self._write_atomic(path, data)
+        """Write the raw bytes under their digest and under the tag, each atomically, if not there yet;
+        a tag that changed bumps the generation."""
+        by_digest = self.layout.manifest_by_digest(digest)
+        if _read_or_none(by_digest) != data:
+            write_atomic(by_digest, data, self.layout.staging)
+        path = self.layout.manifest(name, tag, host)
+        if _read_or_none(path) != data:
+            write_atomic(path, data, self.layout.staging)
+            self.bump_generation()
 
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.layout.staging, prefix="tmp-")
+    # -- removal: the one way tags and blobs leave the store ---------------------------
+
+    def busy(self, digests: Iterable[Digest], serving: Collection[Digest] = ()) -> set[Digest]:
+        """Those of ``digests`` being filled by any process (their staging lock is held, by this
+        process or another) or being served by the caller."""
+        return {digest for digest in digests if digest in serving or self._filling(digest)}
+
+    def in_use(self, digests: Iterable[Digest], serving: Collection[Digest] = ()) -> set[Digest]:
+        """Those of ``digests`` that must stay: named by a manifest on disk, or busy."""
+        wanted = set(digests)
+        named = wanted & {layer.digest for model in models.list_models(self.layout) for layer in model.blobs}
+        return named | self.busy(wanted - named, serving)
+
+    def remove(self, tags: Iterable[CachedModel] = (), blobs: Iterable[Digest] = (),
+               serving: Collection[Digest] = (), meta: Metadata | None = None, by: str = "rm") -> Removed:
+        """Remove the tags; then those of their blobs, and of ``blobs``, that are not in use.
+
+        Every removal is logged with ``by`` (who asked). Manifests go first, durably: a kill in
+        between leaves unreferenced blobs (``gc`` removes them), never a tag whose blobs are gone.
+        """
+        tags = list(tags)
+        removed = Removed()
+        for model in tags:
+            if self._unlink_manifest(model):
+                removed.models.append(model)
+                log.info("removed model=%s size=%d by=%s", model, model.size, by)
+        if removed.models:
+            self.bump_generation()
+        candidates = dict.fromkeys([*(layer.digest for model in tags for layer in model.blobs), *blobs])
+        keep = self.in_use(candidates, serving) if candidates else set()
+        for digest in candidates:
+            if digest in keep:
+                continue
+            size = self._unlink_blob(digest)
+            if size is None:
+                continue
+            removed.blobs[digest] = size
+            if meta is not None:
+                meta.forget_access(digest)
+            log.info("removed blob digest=%s bytes=%d by=%s", digest.short, size, by)
+        return removed
+
+    def _unlink_manifest(self, model: CachedModel) -> bool:
+        """Remove a tag's manifest file, and its folders when left empty, as Ollama prunes; durably."""
+        path = self.layout.manifest(model.name, model.tag, model.host)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        folder = path.parent
+        for _ in range(2):  # <model>/ then <namespace>/, only when empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            folder = folder.parent
+        _fsync_dir(folder)
+        return True
+
+    def _unlink_blob(self, digest: Digest) -> int | None:
+        path = self.layout.blob(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return None
+        return size
+
+    def _filling(self, digest: Digest) -> bool:
+        """Whether a process holds the digest's staging lock. The lock file is not created here:
+        a fill's lock file exists from before it takes the lock until it publishes."""
+        try:
+            fd = os.open(self.layout.staging_lock(digest), os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # releases the lock if we got it
+        return False
+
+    # -- the generation: how servers learn that another process changed the tags ------------
+
+    def bump_generation(self) -> None:
+        """Replace the generation file (a new inode, so a new identity even within one clock tick).
+
+        Not fsynced: after a crash every server starts with an empty memory anyway. A failure is
+        logged, not raised: the change it announces is done already.
+        """
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.layout.staging, prefix="tmp-")
+            os.close(fd)
+            os.replace(tmp, self.layout.generation)
+        except OSError as exc:
+            log.warning("generation not bumped reason=%s; servers on this cache may answer removed tags "
+                        "from memory until they restart", exc)
+
+    def generation(self) -> Generation:
+        """The generation file's identity; servers compare it at most once a second."""
+        try:
+            stat = self.layout.generation.stat()
+        except FileNotFoundError:
+            return (0, 0, 0)
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
 
     # -- start-up ---------------------------------------------------------------
 
@@ -190,6 +309,84 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, staging: Path) -> None:
+    """Put ``data`` under ``path`` whole or not at all, durably: written to a temp file in
+    ``staging`` (on the same filesystem), fsynced, renamed over ``path``, the folder fsynced.
+    A crash never leaves an empty or torn file under the final name."""
+    staging.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=staging, prefix="tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def copy_verified(source: BinaryIO, digest: Digest, dest: Path, staging: Path,
+                  on_bytes: OnBytes | None = None) -> int:
+    """Copy a blob to ``dest`` through a temp file in ``staging``, hashing on the way, and publish
+    it durably only if it hashes to ``digest``; else ValueError naming both. Returns its size."""
+    staging.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=staging, prefix="tmp-copy-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            actual, size = hash_stream(source, on_bytes, copy_to=out)
+            out.flush()
+            os.fsync(out.fileno())
+        if actual != digest.hex:
+            raise ValueError(f"content hashes to sha256:{actual}, not {digest}")
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _fsync_dir(dest.parent)
+    return size
+
+
+# -- hashing: every sha256 of blob bytes is computed by one of these two ---------------------
+
+
+def hash_stream(source: BinaryIO, on_bytes: OnBytes | None = None, copy_to: BinaryIO | None = None
+                ) -> tuple[str, int]:
+    """sha256 (hex) and length of what ``source`` still holds, read into one reused buffer; each
+    piece is also written to ``copy_to`` and reported to ``on_bytes``."""
+    h = hashlib.sha256()
+    buffer = memoryview(bytearray(READ_SIZE))
+    size = 0
+    while n := source.readinto(buffer):  # type: ignore[attr-defined]
+        piece = buffer[:n]
+        h.update(piece)
+        if copy_to is not None:
+            copy_to.write(piece)
+        if on_bytes is not None:
+            on_bytes(n)
+        size += n
+    return h.hexdigest(), size
+
+
+def hash_file(path: Path, on_bytes: OnBytes | None = None) -> str:
+    with open(path, "rb", buffering=0) as f:
+        return hash_stream(f, on_bytes)[0]
+
+
+def hash_at(h: Any, fd: int, position: int, into: memoryview) -> None:
+    """Hash the bytes at ``position``, read whole into ``into`` (a buffer the caller reuses: a
+    fresh one per read is page faults). The caller knows they are on disk: a short file raises."""
+    done = 0
+    while done < len(into):
+        n = os.preadv(fd, [into[done:]], position + done)
+        if n == 0:
+            raise OSError(f"file ends at {position + done}, before the bytes expected there")
+        done += n
+    h.update(into)
 
 
 IOV_MAX = 1024  # buffers one pwritev takes on Linux
