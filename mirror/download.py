@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +28,7 @@ from .config import Settings
 from .errors import FillFailed, RangeIgnored, UpstreamError, UpstreamUnavailable, UpstreamUrlExpired
 from .fds import in_thread
 from .fill import WAKE_TIMEOUT, Fill, wait_event
-from .store import write_at
+from .store import hash_at, write_at
 from .upstream import BlobLocation, Upstream
 
 log = logging.getLogger("mirror.fill")
@@ -268,7 +267,7 @@ class Download:
                 await self.fill.changed()
                 continue
             at, view = position, memoryview(buffer)[:n]
-            await in_thread(lambda fd: _hash_range(h, fd, at, view), self.staging)
+            await in_thread(lambda fd: hash_at(h, fd, at, view), self.staging)
             position += n
         self._wake_workers()  # idle workers notice the map is complete
         return h.hexdigest()
@@ -329,15 +328,3 @@ def _first_bytes(pieces: list[bytes], n: int) -> list[bytes]:
         kept.append(piece if len(piece) <= n else piece[:n])
         n -= len(piece)
     return kept
-
-
-def _hash_range(h: Any, fd: int, position: int, into: memoryview) -> None:
-    """Hash the bytes at ``position``, read into ``into`` (filled whole: the bytes are on disk)."""
-    done = 0
-    while done < len(into):
-        n = os.preadv(fd, [into[done:]], position + done)
-        if n == 0:
-            raise OSError(f"staging file ends at {position + done}, before the bytes the chunk map counts")
-        done += n
-    h.update(into)
-
