@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import httpcore
+from cachetools import LRUCache
 
 from .errors import UpstreamInvalid
 
@@ -68,7 +69,7 @@ class NetPolicy:
         self._resolve = resolve or system_resolve
         self._is_public = is_public or is_global
         self._registry_public: bool | None = None
-        self._refused: set[str] = set()  # hosts already logged
+        self._refused: LRUCache[str, bool] = LRUCache(maxsize=1024)  # hosts already logged
 
     async def addresses(self, host: str) -> list[IPAddress]:
         """The addresses to connect to for ``host``, every one of them allowed; raises
@@ -107,7 +108,7 @@ class NetPolicy:
 
     def _refuse(self, host: str, ip: IPAddress) -> None:
         if host not in self._refused:
-            self._refused.add(host)
+            self._refused[host] = True
             log.warning("upstream refused host=%s address=%s registry=%s reason=private address",
                         host, ip, self.registry_host)
         raise UpstreamInvalid(
@@ -128,9 +129,10 @@ class PolicyBackend(httpcore.AsyncNetworkBackend):
         self._inner = inner or httpcore.AnyIOBackend()
         self._read_size = read_size
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None) -> httpcore.AsyncNetworkStream:
+    async def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
         try:
             async with asyncio.timeout(timeout):
                 addresses = await self.policy.addresses(host)

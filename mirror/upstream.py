@@ -212,7 +212,7 @@ class Upstream:
             if response.status_code in (301, 302, 303, 307, 308):
                 target = _absolute(url, response.headers.get("Location", ""))
                 if _origin(target) != self._origin:
-                    await self._policy.addresses(urlsplit(target).hostname or "")  # refused early, and never a CDN host
+                    await self._policy.addresses(urlsplit(target).hostname or "")  # refused before it is a CDN host
                     self.cdn_hosts.add(registry_host(target))
                     return BlobLocation(target, version=version + 1)
                 url = target
@@ -416,7 +416,7 @@ class _CoreBody(httpx.AsyncByteStream):
 
 
 # httpcore's exceptions and httpx's of the same meaning, most specific first.
-_HTTPCORE_TO_HTTPX: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
+_HTTPCORE_TO_HTTPX: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
     (httpcore.PoolTimeout, httpx.PoolTimeout),
     (httpcore.ConnectTimeout, httpx.ConnectTimeout),
     (httpcore.ReadTimeout, httpx.ReadTimeout),
