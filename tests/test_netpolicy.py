@@ -76,16 +76,19 @@ def test_cdn_redirect_to_a_private_address_during_a_fill_reaches_nothing(
     digest = _model(registry, seed=170)
     cdn.redirect = private.url  # the registry's redirect is fine; the CDN's own 302 is not
     mirror = start_mirror(connections=4, max_retries=1)
+    served = []
     with httpx.Client(base_url=mirror.url(), timeout=30) as client:
-        try:
-            got = client.get(f"/v2/library/ssrf/blobs/{digest}")
-            served = got.status_code == 200 and len(got.content) == 2_000_000
-        except httpx.HTTPError:
-            served = False
-    assert not served
+        for _ in range(2):  # two fills, each refused
+            try:
+                got = client.get(f"/v2/library/ssrf/blobs/{digest}")
+                served.append(got.status_code == 200 and len(got.content) == 2_000_000)
+            except httpx.HTTPError:
+                served.append(False)
+    assert served == [False, False]
     assert private.requests == []
     assert _refused(refusals) == [f"upstream refused host={PRIVATE} address={PRIVATE} "
                                   f"registry=127.0.0.1 reason=private address"]  # once, however many tries
+    assert len(cdn.requests) >= 2
 
 
 @pytest.mark.usefixtures("public_loopback")
