@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import ipaddress
 import logging
 import re
-import socket
+import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
@@ -26,6 +24,7 @@ from cachetools import TTLCache
 
 from . import __version__
 from .errors import (
+    RangeIgnored,
     UpstreamError,
     UpstreamInvalid,
     UpstreamRefused,
@@ -35,12 +34,9 @@ from .errors import (
 )
 from .layout import registry_host
 from .names import Digest, Name
+from .netpolicy import Classifier, IPNetwork, NetPolicy, PolicyBackend, Resolver
 
 log = logging.getLogger(__name__)
-
-# httpcore reads 64 KiB per socket read; a fill runs several connections at hundreds of MB/s
-# and spends its time in per-read overhead at that size (perf-notes.md: 1 MiB reads go 1.6x faster).
-httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
 MAX_MANIFEST_BYTES = 4 << 20  # real manifests are a few KiB; anything near this is hostile
 MAX_REDIRECTS = 5
@@ -81,6 +77,11 @@ class Throttle:
 
 
 class Upstream:
+    """The registry and its CDN. Registry requests (manifests, tokens, HEADs, blob resolves)
+    and blob bytes have a connection pool each, so a manifest never queues behind fills."""
+
+    REGISTRY_CONNECTIONS = 16
+
     def __init__(
         self,
         base_url: str,
@@ -88,32 +89,42 @@ class Upstream:
         connect_timeout: float = 10.0,
         stall_timeout: float = 20.0,
         max_connections: int = 64,
+        pool_timeout: float | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         allow_networks: Sequence[IPNetwork] = (),
         resolve: Resolver | None = None,
+        is_public: Classifier | None = None,
         pinned: Mapping[str, str] | None = None,
         throttle: Throttle | None = None,
     ) -> None:
+        """``max_connections``: blob range requests, all fills together. A registry request waits
+        at most ``pool_timeout`` (default: ``connect_timeout``) for one of its own connections."""
         self.base_url = base_url.rstrip("/")
         self._throttle = throttle
         self._origin = _origin(self.base_url)
-        self._allow_networks = tuple(allow_networks)
-        self._pinned = dict(pinned or {})
-        self._resolve = _pinned_resolver(self._pinned, resolve or _resolve)
-        self._public: bool | None = None  # whether the upstream itself resolves to public addresses
+        self._policy = NetPolicy(self._origin[1], allow_networks=allow_networks, pinned=pinned,
+                                 resolve=resolve, is_public=is_public)
         self.cdn_hosts: set[str] = set()  # hosts (host:port unless default) the registry redirected blobs to
-        if transport is None and self._pinned:
-            transport = _pinned_transport(self._pinned, max_connections)
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect_timeout, read=stall_timeout, write=connect_timeout, pool=None),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=16),
+        backend = PolicyBackend(self._policy)
+        wait = connect_timeout if pool_timeout is None else pool_timeout
+        self.client = self._client(transport or PolicyTransport(backend, max_connections=self.REGISTRY_CONNECTIONS),
+                                   connect_timeout, stall_timeout, wait)
+        self._blob_client = self._client(transport or PolicyTransport(backend, max_connections=max_connections),
+                                         connect_timeout, stall_timeout, None)  # fills wait their turn
+        self._tokens: TTLCache[str, str] = TTLCache(maxsize=1024, ttl=240)
+
+    @staticmethod
+    def _client(transport: httpx.AsyncBaseTransport, connect: float, stall: float,
+                pool: float | None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(connect, read=stall, write=connect, pool=pool),
             headers={"User-Agent": f"ollama-mirror/{__version__}"},
             transport=transport,
         )
-        self._tokens: TTLCache[str, str] = TTLCache(maxsize=1024, ttl=240)
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        await self._blob_client.aclose()
 
     # -- registry requests, with token challenges --------------------------------
 
@@ -182,9 +193,10 @@ class Upstream:
         if response.status_code == 404:
             raise _status_error(response, url, b"")
         location = await self.resolve_blob(name, digest)
-        async with self.open_range(location, 0, 1, size=None) as stream:
-            async for _ in stream:
-                pass
+        async with self._range(self.client, location, 0, 1, None, accept_whole=True) as stream:
+            if stream.partial:  # one byte: read, so the connection is reused; a whole body is not read
+                async for _ in stream:
+                    pass
             return stream.total
 
     async def resolve_blob(self, name: Name, digest: Digest, version: int = 0) -> BlobLocation:
@@ -200,7 +212,7 @@ class Upstream:
             if response.status_code in (301, 302, 303, 307, 308):
                 target = _absolute(url, response.headers.get("Location", ""))
                 if _origin(target) != self._origin:
-                    await self._check_redirect(target)
+                    await self._policy.addresses(urlsplit(target).hostname or "")  # refused before it is a CDN host
                     self.cdn_hosts.add(registry_host(target))
                     return BlobLocation(target, version=version + 1)
                 url = target
@@ -211,42 +223,35 @@ class Upstream:
                 raise _status_error(response, url, b"")
         raise UpstreamInvalid(f"more than {MAX_REDIRECTS} redirects resolving {url}")
 
-    async def _check_redirect(self, target: str) -> None:
-        """A public registry that redirects to a private, loopback or link-local address is
-        refused (SSRF), unless the admin allowed that network."""
-        if self._public is None:
-            self._public = all(ip.is_global for ip in await self._resolve(self._origin[1]))
-        if not self._public:
-            return  # a registry on the LAN (or the tests' on loopback) may redirect anywhere near
-        host = urlsplit(target).hostname or ""
-        for ip in await self._resolve(host):
-            if not ip.is_global and not any(ip in net for net in self._allow_networks):
-                raise UpstreamInvalid(
-                    f"refused redirect from {self._origin[1]} to {host} ({ip}): a public registry does not "
-                    "send clients to private addresses; allow the network with --allow-networks if intended")
-
     def _credentials(self, name: Name, url: str) -> dict[str, str]:
         token = self._tokens.get(str(name))
         if token and _origin(url) == self._origin:
             return {"Authorization": f"Bearer {token}"}
         return {}
 
-    @contextlib.asynccontextmanager
-    async def open_range(
-        self, location: BlobLocation, start: int, stop: int, size: int | None
-    ) -> AsyncIterator[RangeStream]:
-        """Stream bytes ``[start, stop)`` of the blob at ``location``.
+    def open_range(
+        self, location: BlobLocation, start: int, stop: int, size: int | None, *, accept_whole: bool = False
+    ) -> contextlib.AbstractAsyncContextManager[RangeStream]:
+        """Stream bytes ``[start, stop)`` of the blob at ``location``, on the blob connections.
 
-        A 206 must start where we asked; a 200 (server ignores Range) is read
-        from 0 and the bytes before ``start`` are dropped, so what the caller
+        A 206 must start where we asked. A 200 (the server ignores Range) for anything but
+        the whole blob raises ``RangeIgnored`` before its body is read, unless ``accept_whole``:
+        then it is read from 0 and the bytes before ``start`` are dropped, so what the caller
         gets is always exactly the bytes from ``start`` on.
         """
+        return self._range(self._blob_client, location, start, stop, size, accept_whole=accept_whole)
+
+    @contextlib.asynccontextmanager
+    async def _range(
+        self, client: httpx.AsyncClient, location: BlobLocation, start: int, stop: int, size: int | None,
+        *, accept_whole: bool,
+    ) -> AsyncIterator[RangeStream]:
         headers = {"Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity", **location.headers}
-        request = self.client.build_request("GET", location.url, headers=headers)
+        request = client.build_request("GET", location.url, headers=headers)
         with _mapped(location.url):
-            response = await self.client.send(request, stream=True, follow_redirects=True)
+            response = await client.send(request, stream=True, follow_redirects=True)
         try:
-            yield RangeStream(response, start, stop, size, location.url, self._throttle)
+            yield RangeStream(response, start, stop, size, location.url, self._throttle, accept_whole=accept_whole)
         finally:
             await response.aclose()
 
@@ -255,27 +260,31 @@ class RangeStream:
     """The body of one range response, as an async iterator of byte strings."""
 
     def __init__(self, response: httpx.Response, start: int, stop: int, size: int | None, url: str,
-                 throttle: Throttle | None = None) -> None:
+                 throttle: Throttle | None = None, *, accept_whole: bool = False) -> None:
         self.url = _redact(url)
         self._throttle = throttle
         status = response.status_code
+        self.partial = status == 206
         if status in (401, 403, 404, 410):
             raise UpstreamUrlExpired(f"CDN answered {status} for {self.url}")
         if status == 200:
+            length = response.headers.get("Content-Length", "")
+            self.total = int(length) if length.isdigit() else (size or 0)
             self.skip = start
-            total = response.headers.get("Content-Length", "")
-            self.total = int(total) if total.isdigit() else (size or 0)
-            log.warning("upstream ignored Range url=%s start=%d: reading from 0", self.url, start)
         elif status == 206:
             self.skip = 0
-            first, total = _parse_content_range(response.headers.get("Content-Range", ""))
+            first, self.total = _parse_content_range(response.headers.get("Content-Range", ""))
             if first != start:
                 raise UpstreamInvalid(f"CDN sent bytes from {first}, not {start}, for {self.url}")
-            self.total = total
         else:
             raise _status_error(response, self.url, b"")
         if size is not None and self.total != size:
             raise UpstreamInvalid(f"CDN says the blob has {self.total} bytes, expected {size}: {self.url}")
+        if status == 200 and not (accept_whole or (start == 0 and stop == self.total)):
+            raise RangeIgnored(f"CDN ignored Range bytes={start}-{stop - 1} and sent all {self.total} bytes "
+                               f"of {self.url}")
+        if self.skip:
+            log.warning("upstream ignored Range url=%s start=%d: reading from 0", self.url, start)
         self._response = response
         self._remaining = stop - start
 
@@ -304,6 +313,9 @@ def _mapped(url: str) -> Iterator[None]:
         raise
     except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
         raise UpstreamStalled(f"no bytes from {url} in time") from exc
+    except httpx.PoolTimeout as exc:
+        raise UpstreamUnavailable(f"no upstream connection came free in time for {url}: "
+                                  "too many registry requests at once, try again") from exc
     except httpx.TimeoutException as exc:
         raise UpstreamUnavailable(f"timed out connecting to {url}") from exc
     except httpx.UnsupportedProtocol as exc:
@@ -356,61 +368,78 @@ def _absolute(base: str, location: str) -> str:
     return target
 
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Resolver = Callable[[str], Awaitable[list[IPAddress]]]
+class PolicyTransport(httpx.AsyncBaseTransport):
+    """httpx over an httpcore pool of our own, whose every connection is made by a
+    ``PolicyBackend``: built from public constructors, as httpx's own transport is."""
+
+    def __init__(self, backend: httpcore.AsyncNetworkBackend, *, max_connections: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl_context or httpx.create_ssl_context(),  # certifi, or SSL_CERT_FILE/DIR
+            max_connections=max_connections,
+            max_keepalive_connections=min(max_connections, 16),
+            keepalive_expiry=5.0,
+            network_backend=backend,
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        url = request.url
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with _httpcore_mapped(request):
+            response = await self._pool.handle_async_request(core_request)
+        return httpx.Response(response.status, headers=response.headers, extensions=response.extensions,
+                              stream=_CoreBody(response, request))
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
 
 
-async def _resolve(host: str) -> list[IPAddress]:
-    """The addresses a host name resolves to (none when it does not resolve: the request fails later)."""
+class _CoreBody(httpx.AsyncByteStream):
+    def __init__(self, response: httpcore.Response, request: httpx.Request) -> None:
+        self._response, self._request = response, request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _httpcore_mapped(self._request):
+            async for piece in self._response.aiter_stream():
+                yield piece
+
+    async def aclose(self) -> None:
+        with _httpcore_mapped(self._request):
+            await self._response.aclose()
+
+
+# httpcore's exceptions and httpx's of the same meaning, most specific first.
+_HTTPCORE_TO_HTTPX: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+
+
+@contextlib.contextmanager
+def _httpcore_mapped(request: httpx.Request) -> Iterator[None]:
     try:
-        ip = ipaddress.ip_address(host)
-        return [ip]
-    except ValueError:
-        pass
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return []
-    return [ipaddress.ip_address(info[4][0]) for info in infos]
-
-
-def _pinned_resolver(pinned: Mapping[str, str], resolve: Resolver) -> Resolver:
-    async def resolve_pinned(host: str) -> list[IPAddress]:
-        if host.lower() in pinned:
-            return [ipaddress.ip_address(pinned[host.lower()])]
-        return await resolve(host)
-
-    return resolve_pinned
-
-
-class _PinnedBackend(httpcore.AsyncNetworkBackend):
-    """Connects to the admin's address for a pinned host; TLS still checks the certificate
-    against the host's name. With a LAN DNS override pointing the registry at us, this is
-    how we reach the real one without looping to ourselves."""
-
-    def __init__(self, pinned: Mapping[str, str], inner: httpcore.AsyncNetworkBackend) -> None:
-        self._pinned, self._inner = pinned, inner
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None, socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        return await self._inner.connect_tcp(self._pinned.get(host.lower(), host), port, timeout,
-                                             local_address, socket_options)
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        return await self._inner.connect_unix_socket(path, timeout, socket_options)
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-def _pinned_transport(pinned: Mapping[str, str], max_connections: int) -> httpx.AsyncHTTPTransport:
-    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=max_connections,
-                                                             max_keepalive_connections=16))
-    pool = transport._pool  # httpx has no resolver option; its pool takes a network backend
-    pool._network_backend = _PinnedBackend(pinned, pool._network_backend)
-    return transport
+        yield
+    except tuple(core for core, _ in _HTTPCORE_TO_HTTPX) as exc:
+        mapped = next(ours for core, ours in _HTTPCORE_TO_HTTPX if isinstance(exc, core))
+        raise mapped(str(exc) or type(exc).__name__, request=request) from exc
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

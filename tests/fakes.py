@@ -32,10 +32,10 @@ Scope = dict[str, Any]
 class ServerThread:
     """A real uvicorn server on 127.0.0.1 in a thread of its own (signals stay with the main thread)."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", **config_options: Any) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **config_options: Any) -> None:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2,
                                 **config_options)
@@ -185,6 +185,8 @@ class FakeCDN:
         self.tokens: set[str] = set()
         self.rate: float | None = None  # bytes per second per response
         self.saw_authorization = False  # credentials must never reach the CDN
+        self.ignore_range = False  # answer every GET 200 with the whole body, as some CDNs do
+        self.redirect: str | None = None  # answer every request 302 to this origin, same path and query
         self._lock = threading.Lock()
 
     def issue_token(self) -> str:
@@ -216,6 +218,10 @@ class FakeCDN:
         digest = scope["path"].rsplit("/", 1)[-1]
         blob = self.blobs.get(digest)
         self.requests.append((digest, headers.get("range")))
+        if self.redirect is not None:
+            target = f"{self.redirect}{scope['path']}?{scope['query_string'].decode()}"
+            await _plain(send, 302, b"", {"location": target})
+            return
         if blob is None:
             await _plain(send, 404, b"no such object")
             return
@@ -227,7 +233,7 @@ class FakeCDN:
             await _plain(send, fault.status, b"injected failure", fault.headers)
             return
         start, stop, status = 0, blob.size, 200
-        if "range" in headers:
+        if "range" in headers and not self.ignore_range:
             first, _, last = headers["range"].removeprefix("bytes=").partition("-")
             start, stop, status = int(first), min(int(last) + 1 if last else blob.size, blob.size), 206
         response_headers = [(b"content-length", str(stop - start).encode()), (b"accept-ranges", b"bytes"),
@@ -292,6 +298,7 @@ class FakeRegistry:
         self.manifest_status: int | None = None  # force an answer for every manifest request
         self.manifest_delay = 0.0
         self.head_size = True  # HEAD answers 200 with the size; False: 307 like GET
+        self.token_realm: str | None = None  # the realm the 401 challenge names; None: this registry's /token
 
     def add_blob(self, blob: Blob) -> Blob:
         self.cdn.blobs[blob.digest] = blob
@@ -337,7 +344,7 @@ class FakeRegistry:
             await _plain(send, 200, json.dumps({"token": token}).encode(), {"content-type": "application/json"})
             return
         if self.require_token and headers.get("authorization", "").removeprefix("Bearer ") not in self.issued_tokens:
-            realm = f"http://{headers.get('host')}/token"
+            realm = self.token_realm or f"http://{headers.get('host')}/token"
             challenge = f'Bearer realm="{realm}",service="fake",scope="repository:x:pull"'
             await _plain(send, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"www-authenticate": challenge})
             return
