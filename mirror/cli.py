@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import __version__, eviction, logs, models, seeding
 from .access import load_keys
-from .app import create_app, open_mirror
+from .app import open_mirror
 from .ca import CertificateAuthority
 from .config import (
     DEFAULT_CACHE_DIR,

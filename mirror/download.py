@@ -54,6 +54,9 @@ class Download:
         self._idle_workers = 0
         self._dirty = False
         self._one_stream = False  # upstream ignores Range: one worker reads the body in order
+        # The first request goes alone: if upstream ignores Range, each of the others would get a
+        # whole body too. It is set once an answer says whether ranges work.
+        self._probed = asyncio.Event()
         fill.on_reader_blocked = self._wake_workers
 
     def workers_wanted(self) -> int:
@@ -123,6 +126,8 @@ class Download:
     # -- workers ------------------------------------------------------------------------------
 
     async def _worker(self, wid: int) -> None:
+        if wid:
+            await self._probed.wait()
         failures = 0
         while not self.map.complete and not self._one_stream:
             chunk = self.map.claim(wid, *self._demand_positions())
@@ -158,6 +163,7 @@ class Download:
         stream = _Stream(self, chunk)
         try:
             async with self._upstream.open_range(self._location, stream.position, chunk.stop, self.fill.size) as body:
+                self._probed.set()  # a 206: ranges work, every connection may start
                 async for piece in body:
                     stream.add(piece)
                     if stream.full and not await stream.flush():
@@ -166,6 +172,8 @@ class Download:
             return stream.written, None
         except UpstreamError as exc:
             await stream.flush()
+            if not isinstance(exc, RangeIgnored):
+                self._probed.set()  # no answer about ranges: the others try too
             return stream.written, exc
         finally:
             self.map.release(wid)
@@ -207,6 +215,7 @@ class Download:
         The first ``RangeIgnored`` lands here; the other workers stop at their next claim. A retry
         asks from the first missing byte, in case the upstream honours Range after all."""
         self._one_stream = True
+        self._probed.set()  # the waiting workers see the switch and stop
         log.warning("fill one-stream digest=%s reason=upstream answers Range requests with the whole blob; "
                     "reading it in one stream", self.fill.digest.short)
         self._wake_workers()

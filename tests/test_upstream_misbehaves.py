@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import httpx
+import pytest
 
 from .conftest import MirrorFactory
 from .fakes import FakeRegistry, assert_store_verified, write_blob
@@ -58,4 +60,26 @@ def test_a_tag_that_moves_between_reads_is_stored_by_what_was_read(
             seen.append(digest)
             assert client.get(f"/v2/library/moving/manifests/{digest}").content == got.content
     assert seen[0] != seen[1]
+    assert_store_verified(tmp_path / "cache")
+
+
+def test_cdn_that_ignores_range_is_read_in_one_stream(
+    registry: FakeRegistry, start_mirror: MirrorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Splitting the blob would fetch it whole once per part (10x the blob for 200 MB): the first
+    200 to a Range request switches the fill to one stream, said once in the log."""
+    caplog.set_level(logging.WARNING, logger="mirror.fill")
+    layer = write_blob(registry.directory, 60_000_000, seed=151)
+    registry.add_model("library/norange", "1", [layer])
+    registry.cdn.ignore_range = True
+    mirror = start_mirror(chunk_size=4 << 20)
+    url = f"{mirror.url()}/v2/library/norange/blobs/{layer.digest}"
+    with httpx.Client(timeout=60) as client:
+        tail = client.get(url, headers={"Range": f"bytes={layer.size - 1000}-"})
+        whole = client.get(url)
+    data = layer.path.read_bytes()
+    assert tail.status_code == 206 and tail.content == data[-1000:]
+    assert whole.status_code == 200 and whole.content == data
+    assert registry.cdn.bytes_by_digest[layer.digest] <= 1.05 * layer.size
+    assert len([r for r in caplog.records if "one-stream" in r.getMessage()]) == 1
     assert_store_verified(tmp_path / "cache")
