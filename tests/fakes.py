@@ -150,10 +150,12 @@ def blob_from_bytes(directory: Path, data: bytes) -> Blob:
 class MirrorProcess:
     """``python -m mirror serve`` as its own process, as a user runs it."""
 
+    command = ["-m", "mirror"]  # after the interpreter; a benchmark may run a variant
+
     def __init__(self, cache: Path, upstream: str, label: str, *extra: str) -> None:
         self.log = cache.parent / f"mirror-{label}.log"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mirror", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache),
+            [sys.executable, *self.command, "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache),
              "--upstream", upstream, *extra],
             stderr=open(self.log, "wb"), stdout=subprocess.DEVNULL,
         )
