@@ -107,8 +107,7 @@ def test_gguf_standin_direct_pull_gets_each_byte_once(registry: FakeRegistry, se
             assert s.headers["user-agent"] == OLLAMA_USER_AGENT and s.headers["authorization"].startswith("Bearer ")
 
 
-def test_gguf_standin_through_mirror(registry: FakeRegistry, start_mirror: MirrorFactory, seen: list[Seen],
-                                     tmp_path: Path) -> None:
+def test_gguf_standin_through_mirror(registry: FakeRegistry, start_mirror: MirrorFactory, tmp_path: Path) -> None:
     model, params = _blobs(registry, [1_000_000, 96], seed=2)
     registry.add_model("library/m", "2", [model, (params, "params")])
     mirror = start_mirror()
