@@ -407,3 +407,69 @@ async def _lifespan(receive: Any, send: Any) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as it reached a fake server."""
+
+    server: str  # the label given to Recording: "registry", "cdn"
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+
+    @property
+    def digest(self) -> str | None:
+        last = self.path.rsplit("/", 1)[-1]
+        return last if last.startswith("sha256:") else None
+
+
+class Recording:
+    """An ASGI app that notes each HTTP request in a shared list, then hands it on.
+
+    Wrapping the registry and the CDN in two of these, sharing one list, gives the
+    order in which a client's requests reached upstream, across both servers.
+    """
+
+    def __init__(self, app: Any, server: str, seen: list[Seen]) -> None:
+        self.app = app
+        self.server = server
+        self.seen = seen
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+            self.seen.append(Seen(self.server, scope["method"], scope["path"], headers))
+        await self.app(scope, receive, send)
+
+
+class PacedCDN(FakeCDN):
+    """A FakeCDN that sends chosen blobs slowly: ``pace(digest, rate, times)``, the others at full speed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._paced: dict[str, tuple[float, int]] = {}  # digest -> (bytes per second, responses left)
+
+    def pace(self, digest: str, rate: float, times: int = 1) -> None:
+        self._paced[digest] = (rate, times)
+
+    def _take_rate(self, digest: str) -> float | None:
+        with self._lock:
+            rate, times = self._paced.get(digest, (0.0, 0))
+            if times == 0:
+                return None
+            self._paced[digest] = (rate, times - 1)
+            return rate
+
+    async def _send_range(self, send: Any, blob: Blob, start: int, stop: int, fault: Fault | None,
+                          gone: asyncio.Event) -> None:
+        rate = self._take_rate(blob.digest)
+        if rate is None:
+            await super()._send_range(send, blob, start, stop, fault, gone)
+            return
+
+        async def paced(message: dict[str, Any]) -> None:
+            await send(message)
+            await asyncio.sleep(len(message.get("body", b"")) / rate)
+
+        await super()._send_range(paced, blob, start, stop, fault, gone)
