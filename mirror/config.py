@@ -37,7 +37,7 @@ class Settings:
     cache_dir: Path = DEFAULT_CACHE_DIR
     upstream: str = DEFAULT_UPSTREAM
     offline: bool = False
-    connections: int = 8  # parallel Range requests per fill
+    connections: int = 0  # parallel Range requests per fill; 0: adapt to what upstream gives (up to 32)
     chunk_size: int = 16 << 20  # unit of the fill's chunk map
     manifest_ttl: float = 600.0  # seconds a cached tag is served without asking upstream
     negative_ttl: float = 30.0  # seconds an upstream 404 for a tag is remembered
@@ -98,9 +98,11 @@ class Settings:
             raise SettingsError(f"low_watermark: must be between 0 and 1, not {self.low_watermark}")
         if self.log_format not in ("text", "json"):
             raise SettingsError(f"log_format: {self.log_format!r} is neither 'text' nor 'json'")
-        for key in ("connections", "chunk_size", "max_retries", "upstream_connections"):
+        for key in ("chunk_size", "max_retries", "upstream_connections"):
             if getattr(self, key) < 1:
                 raise SettingsError(f"{key}: must be at least 1, not {getattr(self, key)}")
+        if self.connections < 0:
+            raise SettingsError(f"connections: must be 0 (adapt) or more, not {self.connections}")
 
     @property
     def allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

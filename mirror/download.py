@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from .chunks import SPLIT_MIN, Chunk
+from .concurrency import WINDOW, Adaptive, ConnectionBudget
 from .config import Settings
 from .errors import FillFailed, RangeIgnored, UpstreamError, UpstreamUnavailable, UpstreamUrlExpired
 from .fds import in_thread
@@ -44,10 +45,14 @@ T = TypeVar("T")
 
 
 class Download:
-    def __init__(self, fill: Fill, upstream: Upstream, settings: Settings) -> None:
+    def __init__(self, fill: Fill, upstream: Upstream, settings: Settings, budget: ConnectionBudget) -> None:
         assert fill.map is not None and fill.staging is not None
         self.fill, self.map, self.staging = fill, fill.map, fill.staging
-        self._upstream, self._settings = upstream, settings
+        self._upstream, self._settings, self._budget = upstream, settings, budget
+        self.adaptive = Adaptive(pinned=settings.connections or None)
+        fill.connections = self.adaptive.target
+        self._workers: set[int] = set()  # ids of the running workers; each holds one of the budget's connections
+        self._group: asyncio.TaskGroup | None = None
         self._location: BlobLocation | None = None
         self._resolving = asyncio.Lock()
         self._work = asyncio.Event()
@@ -60,19 +65,62 @@ class Download:
         fill.on_reader_blocked = self._wake_workers
 
     def workers_wanted(self) -> int:
-        return max(min(self._settings.connections, sum(not c.done for c in self.map.chunks)), 0)
+        return max(min(self.adaptive.target, sum(not c.done for c in self.map.chunks)), 0)
 
     async def run(self) -> str:
-        """Resolve the CDN URL, run the workers, the hasher and the saver; the sha256 hex of the bytes."""
+        """Resolve the CDN URL, run the workers, the hasher, the pacer and the saver; the sha256
+        hex of the bytes."""
         self._location = await self._with_retries(self._resolve)
-        async with asyncio.TaskGroup() as group:
-            saver = group.create_task(self._save_loop())
-            hasher = group.create_task(self._hash())
-            for i in range(self.workers_wanted()):
-                group.create_task(self._worker(i))
-            actual = await hasher
-            saver.cancel()
+        self._budget.join(self.fill)
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                saver = group.create_task(self._save_loop())
+                pacer = group.create_task(self._pace())
+                hasher = group.create_task(self._hash())
+                self._spawn_workers()
+                actual = await hasher
+                saver.cancel()
+                pacer.cancel()
+        finally:
+            self._group = None
+            self._budget.leave(self.fill)
         return actual
+
+    # -- how many connections ------------------------------------------------------------------
+
+    def _spawn_workers(self) -> None:
+        """Start workers up to the target, as far as the shared budget allows."""
+        if self._group is None or self._one_stream:
+            return
+        wanted = min(self.workers_wanted(), self._allowed())
+        for wid in range(wanted):
+            if wid not in self._workers and self._budget.take(self.fill):
+                self._workers.add(wid)
+                self._group.create_task(self._worker(wid))
+
+    async def _pace(self) -> None:
+        """Measure the aggregate rate of each connection count over a window in which all of its
+        workers had work, and step the count (``concurrency.Adaptive``); keep the workers at the
+        count as the shared budget allows, for the whole fill."""
+        since, landed, count = time.monotonic(), self.fill.fetched, len(self._workers)
+        while True:
+            await asyncio.sleep(0.25)
+            self._spawn_workers()  # the budget may have room again, or the target grew
+            now = time.monotonic()
+            if self.adaptive.settled or len(self._workers) != count or self._idle_workers:
+                since, landed, count = now, self.fill.fetched, len(self._workers)  # a new window
+                continue
+            if now - since < WINDOW:
+                continue
+            rate = (self.fill.fetched - landed) / (now - since)
+            if self.adaptive.measured(count, rate):
+                self.fill.connections = self.adaptive.target
+                self._spawn_workers()
+            if self.adaptive.settled:
+                log.info("fill settled digest=%s connections=%d mb_s=%.1f", self.fill.digest.short,
+                         self.adaptive.target, max(self.adaptive.rates.values(), default=rate) / 1e6)
+            since, landed, count = now, self.fill.fetched, len(self._workers)
 
     def _wake_workers(self) -> None:
         """Idle workers look for work again. A new event each time: one left set would have
@@ -80,6 +128,10 @@ class Download:
         fill came in at half speed)."""
         self._work.set()
         self._work = asyncio.Event()
+
+    def _allowed(self) -> int:
+        """Workers this fill may run now: its target, within its share of the budget."""
+        return min(self.adaptive.target, self._budget.share())
 
     # -- the CDN URL, retries ----------------------------------------------------------------
 
@@ -117,6 +169,10 @@ class Download:
         """Retry what may pass, from where it stopped; give up after ``max_retries`` without progress."""
         if not error.retryable:
             raise error
+        if error.detail.get("status") in (429, 503) and self.adaptive.throttled():
+            self.fill.connections = self.adaptive.target
+            log.warning("fill backoff digest=%s connections=%d reason=%s", self.fill.digest.short,
+                        self.adaptive.target, error)
         if failures > self._settings.max_retries:
             raise FillFailed(f"gave up after {failures} tries without progress: {error}") from error
         if isinstance(error, UpstreamUrlExpired):
@@ -126,10 +182,17 @@ class Download:
     # -- workers ------------------------------------------------------------------------------
 
     async def _worker(self, wid: int) -> None:
+        try:
+            await self._work_on(wid)
+        finally:
+            self._workers.discard(wid)
+            self._budget.give_back(self.fill)
+
+    async def _work_on(self, wid: int) -> None:
         if wid:
             await self._probed.wait()
         failures = 0
-        while not self.map.complete and not self._one_stream:
+        while not self.map.complete and not self._one_stream and wid < self._allowed():
             chunk = self.map.claim(wid, *self._demand_positions())
             if chunk is None:
                 self._idle_workers += 1

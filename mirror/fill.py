@@ -22,6 +22,7 @@ from collections.abc import Callable
 from enum import Enum, auto
 
 from .chunks import SPLIT_MIN, ChunkMap
+from .concurrency import START, ConnectionBudget
 from .config import Settings
 from .errors import DigestMismatch, FillFailed, MirrorError, UpstreamInvalid
 from .fds import SharedFd, in_thread
@@ -56,7 +57,7 @@ class Demand:
 
 def chunk_size_for(size: int, settings: Settings) -> int:
     """Smaller blobs get smaller chunks, so every connection has work."""
-    per_connection = -(-size // settings.connections)
+    per_connection = -(-size // (settings.connections or 2 * START))
     return max(min(settings.chunk_size, per_connection), min(SPLIT_MIN, settings.chunk_size), 1)
 
 
@@ -71,6 +72,7 @@ class Fill:
         meta: Metadata,
         upstream: Upstream,
         settings: Settings,
+        budget: ConnectionBudget | None = None,
     ) -> None:
         self.name = name
         self.digest = digest
@@ -83,9 +85,11 @@ class Fill:
         self.fetched = 0  # bytes received from upstream by this run
         self.resumed = 0  # bytes already on disk when this run started
         self.retries = 0
+        self.connections = 0  # upstream connections the download runs now
         self.started = time.monotonic()
         self.on_reader_blocked: Callable[[], None] = lambda: None  # the download's wake-up for idle connections
         self._store, self._meta, self._upstream, self._settings = store, meta, upstream, settings
+        self._budget = budget or ConnectionBudget(settings.upstream_connections)
         self._lock_fd: int | None = None
         self._progress = asyncio.Event()
         self._finished = asyncio.Event()
@@ -186,7 +190,7 @@ class Fill:
             await asyncio.to_thread(self._open_staging)
             self.state = FillState.RUNNING
             self.notify()
-            download = Download(self, self._upstream, self._settings)
+            download = Download(self, self._upstream, self._settings, self._budget)
             log.info("fill start digest=%s size=%d connections=%d resumed=%d",
                      self.digest.short, self.size, download.workers_wanted(), self.resumed)
             actual = await download.run()
@@ -304,8 +308,9 @@ class Fill:
     def _log_done(self) -> None:
         seconds = max(time.monotonic() - self.started, 1e-6)
         log.info(
-            "fill done digest=%s bytes=%d fetched=%d seconds=%.2f mb_s=%.1f retries=%d",
+            "fill done digest=%s bytes=%d fetched=%d seconds=%.2f mb_s=%.1f retries=%d connections=%d",
             self.digest.short, self.size, self.fetched, seconds, self.fetched / seconds / 1e6, self.retries,
+            self.connections,
         )
 
 
@@ -316,6 +321,7 @@ class FillEngine:
         self._store, self._meta, self._settings = store, meta, settings
         self._fills: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._budget = ConnectionBudget(settings.upstream_connections)  # shared by every fill
         self.finished: list[Callable[[Fill], None]] = []  # told of every fill that ended (metrics, eviction)
         self.closed = False
 
@@ -338,7 +344,7 @@ class FillEngine:
         if self.closed:
             raise FillFailed("the mirror is shutting down; the fill resumes when it is back")
         fill = Fill(name, digest, size, store=self._store, meta=self._meta, upstream=upstream,
-                    settings=self._settings)
+                    settings=self._settings, budget=self._budget)
         self._fills[digest] = fill
         task = asyncio.get_running_loop().create_task(fill.run(), name=f"fill {digest.short}")
         self._tasks.add(task)

@@ -327,7 +327,8 @@ def _mapped(url: str) -> Iterator[None]:
 def _status_error(response: httpx.Response, url: str, body: bytes) -> UpstreamError:
     status = response.status_code
     if status == 429 or status >= 500:
-        return UpstreamUnavailable(f"upstream answered {status} for {_redact(url)}", _retry_after(response))
+        return UpstreamUnavailable(f"upstream answered {status} for {_redact(url)}", _retry_after(response),
+                                   status=status)
     return UpstreamRefused(
         f"upstream answered {status} for {_redact(url)}", status, body, response.headers.get("Content-Type", "")
     )

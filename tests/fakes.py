@@ -186,6 +186,8 @@ class FakeCDN:
         self.requests: list[tuple[str, str | None]] = []
         self.tokens: set[str] = set()
         self.rate: float | None = None  # bytes per second per response
+        self.shared_rate: float | None = None  # bytes per second for all responses together (one pipe)
+        self._shared_next = 0.0  # when the shared pipe is free again (event loop time)
         self.saw_authorization = False  # credentials must never reach the CDN
         self.ignore_range = False  # answer every GET 200 with the whole body, as some CDNs do
         self.redirect: str | None = None  # answer every request 302 to this origin, same path and query
@@ -282,7 +284,16 @@ class FakeCDN:
                 sent += len(data)
                 if self.rate:
                     await asyncio.sleep(len(data) / self.rate)
+                if self.shared_rate:
+                    await self._through_shared_pipe(len(data))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+    async def _through_shared_pipe(self, n: int) -> None:
+        """Every response's pieces queue for one pipe of ``shared_rate`` bytes per second."""
+        now = asyncio.get_running_loop().time()
+        self._shared_next = max(self._shared_next, now) + n / (self.shared_rate or 1)
+        await asyncio.sleep(self._shared_next - now)
 
 
 class FakeRegistry:

@@ -1,0 +1,102 @@
+"""How many upstream connections a fill runs: adapted to what the upstream gives, within a share
+of the total.
+
+A CDN that caps each connection (25 MB/s each, say) rewards more connections up to the link's
+speed; a single shared pipe does not, and there more connections only add overhead. So a fill
+starts with a few connections and doubles them while the aggregate rate keeps rising, then
+settles on the smallest count that reached the best rate. 429 or 503 halves it and stops the
+growth. ``--connections N`` pins the count instead.
+
+All fills draw from one ``ConnectionBudget`` (``--upstream-connections``): a fill may hold at most
+an equal share of it while others are running, so a second fill never waits for the first.
+
+Pure logic: no I/O, no awaits; ``download.py`` feeds it bytes and time and asks for the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+START = 4  # connections a fill opens first
+PER_FILL_CAP = 32  # the most one fill ever runs (Ollama itself runs 16 parts at once)
+GAIN = 0.15  # a step must raise the aggregate rate by this share to be kept
+WINDOW = 1.5  # seconds each connection count is measured over, once all its streams are running
+
+
+class ConnectionBudget:
+    """The upstream connections all fills share, handed out as equal shares of the total."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._held: dict[object, int] = {}
+
+    def join(self, fill: object) -> None:
+        self._held.setdefault(fill, 0)
+
+    def leave(self, fill: object) -> None:
+        self._held.pop(fill, None)
+
+    @property
+    def in_use(self) -> int:
+        return sum(self._held.values())
+
+    def share(self) -> int:
+        """What one fill may hold: an equal part of the total (at least one connection)."""
+        return max(1, self.total // max(1, len(self._held)))
+
+    def take(self, fill: object) -> bool:
+        """One more connection for ``fill``, if the total and its share allow it."""
+        held = self._held.get(fill, 0)
+        if held >= self.share() or self.in_use >= self.total:
+            return False
+        self._held[fill] = held + 1
+        return True
+
+    def give_back(self, fill: object) -> None:
+        if self._held.get(fill, 0) > 0:
+            self._held[fill] -= 1
+
+
+@dataclass
+class Adaptive:
+    """The connection count of one fill, stepped by the rate each count achieved."""
+
+    pinned: int | None = None  # --connections: no adapting
+    cap: int = PER_FILL_CAP
+    target: int = 0
+    settled: bool = False
+    rates: dict[int, float] = field(default_factory=dict)  # connection count -> aggregate bytes/s seen
+
+    def __post_init__(self) -> None:
+        if self.pinned:
+            self.target, self.settled = min(self.pinned, self.cap), True
+        else:
+            self.target = min(START, self.cap)
+
+    def measured(self, count: int, rate: float) -> bool:
+        """The aggregate ``rate`` with ``count`` connections streaming for a whole window; True
+        when the target changed."""
+        if self.settled:
+            return False
+        self.rates[count] = max(rate, self.rates.get(count, 0.0))
+        if count < self.target:
+            return False  # not every connection of this step was running: measure again
+        previous = max((r for c, r in self.rates.items() if c < count), default=None)
+        if previous is not None and rate < previous * (1 + GAIN):
+            self.target = min(c for c, r in self.rates.items() if r * (1 + GAIN) >= max(self.rates.values()))
+            self.settled = True
+            return True
+        if count >= self.cap:
+            self.settled = True
+            return False
+        self.target = min(count * 2, self.cap)
+        self.settled = self.target == self.cap  # nothing left to try
+        return True
+
+    def throttled(self) -> bool:
+        """Upstream said 429 or 503: half the connections (pinned or not: it asked us to slow
+        down), and no more growth. True if the target changed."""
+        before = self.target
+        self.target = max(1, self.target // 2)
+        self.settled = True
+        return self.target != before
