@@ -149,11 +149,12 @@ def curl(url: str, *args: str, timeout: float = 600) -> dict[str, float]:
             "speed": float(out[4])}
 
 
-def aria2c(url: str, dest: Path, timeout: float = 600) -> float:
-    """aria2c -x8 -s8 to ``dest``; the wall time in seconds."""
+def aria2c(url: str, dest: Path, timeout: float = 600, connections: int = 8) -> float:
+    """aria2c -x<connections> -s<connections> to ``dest``; the wall time in seconds."""
     began = time.monotonic()
-    subprocess.run(["aria2c", "-q", "-x8", "-s8", "-k1M", "--allow-overwrite=true", "--file-allocation=none",
-                    "-d", str(dest.parent), "-o", dest.name, url], check=True, timeout=timeout)
+    subprocess.run(["aria2c", "-q", f"-x{connections}", f"-s{connections}", "-k1M", "--allow-overwrite=true",
+                    "--file-allocation=none", "-d", str(dest.parent), "-o", dest.name, url],
+                   check=True, timeout=timeout)
     return time.monotonic() - began
 
 

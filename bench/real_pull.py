@@ -1,13 +1,17 @@
-"""Cold and warm pulls of a model through the mirror with the real Ollama 0.9.3 client.
+"""The real Ollama 0.9.3 client: a direct pull against a first pull through a cold mirror, in one run.
 
-    .venv/bin/python -m bench.real_pull [--size-mb 500] [--cdn-rate-mb 25]
+    .venv/bin/python -m bench.real_pull --size-mb 1074 --cdn-rate-mb 25     # a CDN that caps each connection
+    .venv/bin/python -m bench.real_pull --size-mb 1074 --shared-cap-mb 100  # one pipe for all connections
 
-Everything runs on 127.0.0.1: the fake registry and CDN from the test suite
-(the CDN optionally rate-limited per connection, like a far-away CDN), a mirror,
-and Ollama server instances as separate "machines". Reports, in one run:
-a direct pull from upstream (the peer), a cold pull through the mirror, a warm
-pull by a second machine with upstream stopped, and the upstream bytes per blob
-when ten Ollama-like clients pull the same cold model at once.
+Everything runs on loopback: the test suite's fake registry (manifests, blob redirects), nginx as
+the CDN it redirects to (``limit_rate`` per connection, like a far CDN), the mirror as its own
+process (``ollama-mirror serve``), and Ollama server instances as separate "machines". With
+``--shared-cap-mb`` the run moves into a private network namespace whose loopback carries the CDN's
+bytes through one ``tc`` htb class of that rate: more connections cannot help there, only cost.
+
+Reports: the direct pull (the peer), the cold pull through the mirror and their ratio, a warm pull
+by a second machine with upstream stopped, the CDN bytes per blob byte, the connection count the
+mirror's fill settled on, and the upstream bytes when ten Ollama-like clients pull one cold model.
 """
 
 from __future__ import annotations
@@ -15,81 +19,139 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from mirror import Settings, create_app
 from tests import ollama_like
-from tests.fakes import FakeCDN, FakeRegistry, ServerThread, write_blob
+from tests.fakes import FakeCDN, FakeRegistry, MirrorProcess, ServerThread, write_blob
 from tests.real_ollama import OllamaServer, find_venv
+
+from .peers import Nginx, ensure_tools
 
 
 def _timed_pull(server: OllamaServer, name: str) -> float:
     began = time.monotonic()
-    result = server.pull(name, timeout=1800)
+    result = server.pull(name, timeout=3600)
     if result.returncode != 0:
         raise SystemExit(f"pull of {name} failed: {result.stderr[-2000:]}")
     return time.monotonic() - began
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size-mb", type=int, default=500)
-    parser.add_argument("--cdn-rate-mb", type=float, default=0, help="per-connection CDN limit; 0: none")
-    parser.add_argument("--clients", type=int, default=10)
-    args = parser.parse_args()
+def _shared_pipe(port: int, mb_per_s: float) -> None:
+    """Bytes from the CDN's port share one htb class of ``mb_per_s``; everything else on loopback is free."""
+    rate = f"{int(mb_per_s * 8)}mbit"
+    for command in (
+        "ip link set lo up",
+        "tc qdisc add dev lo root handle 1: htb default 10",
+        "tc class add dev lo parent 1: classid 1:10 htb rate 100gbit",
+        f"tc class add dev lo parent 1: classid 1:20 htb rate {rate} ceil {rate}",
+        f"tc filter add dev lo protocol ip parent 1:0 prio 1 u32 match ip sport {port} 0xffff flowid 1:20",
+    ):
+        subprocess.run(command.split(), check=True, stderr=subprocess.DEVNULL)
+
+
+def _settled(log: Path) -> str:
+    found = re.findall(r"(?:fill settled|fill done).*?connections=(\d+)", log.read_text())
+    return found[0] if found else "?"
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
     venv = find_venv()
     if venv is None:
         raise SystemExit("the real Ollama client is not installed: run scripts/test once")
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        work = Path(tmp)
-        (work / "upstream").mkdir()
-        cdn = FakeCDN()
-        cdn_server = ServerThread(cdn).start()
-        registry = FakeRegistry(cdn, cdn_server.url("localhost"), work / "upstream")
-        registry_server = ServerThread(registry).start()
-        blob = write_blob(work / "upstream", args.size_mb * 1_000_000, seed=1)
+    work = Path(tempfile.mkdtemp(prefix="bench-real-pull-"))
+    work.chmod(0o755)  # nginx workers run as another user when started as root
+    files = work / "files"
+    files.mkdir()
+    results: dict[str, object] = {"size_mb": args.size_mb}
+    servers: list[object] = []
+    try:
+        nginx = Nginx(work, files, int(args.cdn_rate_mb * 1e6))
+        servers.append(nginx)
+        if args.shared_cap_mb:
+            _shared_pipe(nginx.cdn_port, args.shared_cap_mb)
+        blob = write_blob(files, args.size_mb * 1_000_000, seed=1)
+        os.link(blob.path, files / blob.digest)  # the URL nginx serves: /objects/sha256:<hex>
+        registry = FakeRegistry(FakeCDN(), nginx.cdn_url, files)
         registry.add_model("library/bench", "latest", [blob])
-        cdn.rate = args.cdn_rate_mb * 1e6 or None
+        registry_server = ServerThread(registry).start()
         upstream = registry_server.url()
-        results: dict[str, float] = {}
 
         peer = OllamaServer(venv, work / "direct").start()
         results["direct_pull_s"] = _timed_pull(peer, f"{upstream.removeprefix('http://')}/library/bench:latest")
         peer.stop()
+        shutil.rmtree(work / "direct", ignore_errors=True)
 
-        mirror = ServerThread(create_app(Settings(cache_dir=work / "cache", upstream=upstream))).start()
-        name = f"127.0.0.1:{mirror.port}/library/bench:latest"
-        before = cdn.bytes_sent
+        mirror = MirrorProcess(work / "mirror" / "cache", upstream, "bench", *args.mirror_args)
+        servers.append(mirror)
+        name = f"{mirror.url.removeprefix('http://')}/library/bench:latest"
+        before = nginx.bytes_sent(blob.digest)
         cold = OllamaServer(venv, work / "cold").start()
         results["cold_pull_via_mirror_s"] = _timed_pull(cold, name)
-        results["cold_upstream_bytes_ratio"] = (cdn.bytes_sent - before) / blob.size
+        results["cold_upstream_bytes_ratio"] = (nginx.bytes_sent(blob.digest) - before) / blob.size
+        results["mirror_connections"] = _settled(mirror.log)
         cold.stop()
+        shutil.rmtree(work / "cold", ignore_errors=True)
         registry_server.stop()
         warm = OllamaServer(venv, work / "warm").start()
         results["warm_pull_via_mirror_s"] = _timed_pull(warm, name)
         warm.stop()
-        mirror.stop()
+        shutil.rmtree(work / "warm", ignore_errors=True)
+        mirror.stop(15)
+        results["cold_mirror_over_direct"] = round(
+            float(results["cold_pull_via_mirror_s"]) / float(results["direct_pull_s"]), 3)  # type: ignore[arg-type]
 
-        registry_server = ServerThread(registry).start()
-        registry.url = registry_server.url()
-        mirror = ServerThread(create_app(Settings(cache_dir=work / "cache2", upstream=registry.url))).start()
-        before = cdn.bytes_by_digest.get(blob.digest, 0)
+        if args.clients:
+            registry_server = ServerThread(registry).start()
+            many_mirror = MirrorProcess(work / "mirror2" / "cache", registry_server.url(), "many", *args.mirror_args)
+            servers.append(many_mirror)
+            before = nginx.bytes_sent(blob.digest)
 
-        async def many() -> None:
-            await asyncio.gather(*(ollama_like.pull(mirror.url(), "library/bench", "latest", work / f"c{i}")
-                                   for i in range(args.clients)))
-        began = time.monotonic()
-        asyncio.run(many())
-        results[f"{args.clients}_clients_cold_s"] = time.monotonic() - began
-        results[f"{args.clients}_clients_upstream_bytes_ratio"] = (
-            (cdn.bytes_by_digest[blob.digest] - before) / blob.size)
-        for server in (mirror, registry_server, cdn_server):
-            server.stop()
-    results["size_mb"] = args.size_mb
-    results["cdn_rate_mb_per_connection"] = args.cdn_rate_mb
-    print(json.dumps(results, indent=2))
+            async def many() -> None:
+                await asyncio.gather(*(ollama_like.pull(many_mirror.url, "library/bench", "latest", work / f"c{i}")
+                                       for i in range(args.clients)))
+            began = time.monotonic()
+            asyncio.run(many())
+            results[f"{args.clients}_clients_cold_s"] = time.monotonic() - began
+            results[f"{args.clients}_clients_upstream_bytes_ratio"] = (
+                (nginx.bytes_sent(blob.digest) - before) / blob.size)
+            many_mirror.stop(15)
+            registry_server.stop()
+    finally:
+        for server in servers:
+            try:
+                server.stop() if isinstance(server, Nginx) else server.process.kill()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - stopping what may have stopped already
+                pass
+        shutil.rmtree(work, ignore_errors=True)
+    results["cdn"] = (f"one pipe of {args.shared_cap_mb} MB/s" if args.shared_cap_mb
+                      else f"{args.cdn_rate_mb or 'unlimited'} MB/s per connection")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.real_pull")
+    parser.add_argument("--size-mb", type=int, default=500)
+    parser.add_argument("--cdn-rate-mb", type=float, default=0, help="CDN limit per connection (0: none)")
+    parser.add_argument("--shared-cap-mb", type=float, default=0,
+                        help="CDN limit for all connections together, through tc in a private network namespace")
+    parser.add_argument("--clients", type=int, default=0, help="also: this many Ollama-like clients on one cold blob")
+    parser.add_argument("--mirror-arg", dest="mirror_args", action="append", default=[],
+                        help="passed to ollama-mirror serve (e.g. --mirror-arg=--connections=8)")
+    parser.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    ensure_tools()
+    if args.shared_cap_mb and not args.in_namespace:
+        # A loopback of our own, so the shaping touches nothing else on the machine.
+        command = ["unshare", "-n", sys.executable, "-m", "bench.real_pull", *sys.argv[1:], "--in-namespace"]
+        raise SystemExit(subprocess.run(command).returncode)
+    print(json.dumps(run(args), indent=2))
 
 
 if __name__ == "__main__":

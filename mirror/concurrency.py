@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-START = 4  # connections a fill opens first
+START = 8  # connections a fill opens first
 PER_FILL_CAP = 32  # the most one fill ever runs (Ollama itself runs 16 parts at once)
 GAIN = 0.15  # a step must raise the aggregate rate by this share to be kept
-WINDOW = 1.5  # seconds each connection count is measured over, once all its streams are running
+WINDOW = 0.5  # seconds each connection count is measured over, once each of its streams has delivered
 
 
 class ConnectionBudget:

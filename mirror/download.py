@@ -52,6 +52,7 @@ class Download:
         self.adaptive = Adaptive(pinned=settings.connections or None)
         fill.connections = self.adaptive.target
         self._workers: set[int] = set()  # ids of the running workers; each holds one of the budget's connections
+        self._warm: set[int] = set()  # workers whose streams have delivered bytes (past slow start)
         self._group: asyncio.TaskGroup | None = None
         self._location: BlobLocation | None = None
         self._resolving = asyncio.Lock()
@@ -108,7 +109,8 @@ class Download:
             await asyncio.sleep(0.25)
             self._spawn_workers()  # the budget may have room again, or the target grew
             now = time.monotonic()
-            if self.adaptive.settled or len(self._workers) != count or self._idle_workers:
+            if (self.adaptive.settled or len(self._workers) != count or self._idle_workers
+                    or not self._warm >= self._workers):
                 since, landed, count = now, self.fill.fetched, len(self._workers)  # a new window
                 continue
             if now - since < WINDOW:
@@ -186,6 +188,7 @@ class Download:
             await self._work_on(wid)
         finally:
             self._workers.discard(wid)
+            self._warm.discard(wid)
             self._budget.give_back(self.fill)
 
     async def _work_on(self, wid: int) -> None:
@@ -223,7 +226,7 @@ class Download:
         that arrived before a fault are written too: a retry resumes after them.
         """
         assert self._location is not None
-        stream = _Stream(self, chunk)
+        stream = _Stream(self, chunk, wid)
         try:
             async with self._upstream.open_range(self._location, stream.position, chunk.stop, self.fill.size) as body:
                 self._probed.set()  # a 206: ranges work, every connection may start
@@ -355,8 +358,8 @@ class Download:
 class _Stream:
     """One range response being written into the staging file."""
 
-    def __init__(self, download: Download, chunk: Chunk) -> None:
-        self.download, self.chunk = download, chunk
+    def __init__(self, download: Download, chunk: Chunk, wid: int | None = None) -> None:
+        self.download, self.chunk, self.wid = download, chunk, wid
         self.position = chunk.edge
         self.written = 0
         self._pending: list[bytes] = []
@@ -386,6 +389,8 @@ class _Stream:
             self.position += n
             self.written += n
             download._landed(self.chunk, n)
+            if self.wid is not None:
+                download._warm.add(self.wid)
         if download._one_stream and self.chunk.owner != WHOLE:
             return False  # the one stream takes over from here
         return not self.chunk.done and not download._should_yield()

@@ -274,6 +274,8 @@ class FakeCDN:
                 n = min(self.piece, stop - start - sent)
                 if strike_at is not None and strike_at > sent:
                     n = min(n, strike_at - sent)
+                if self.shared_rate:
+                    await self._through_shared_pipe(n)  # queued behind every other response's bytes
                 data = await asyncio.to_thread(os.pread, f.fileno(), n, start + sent)
                 if corrupt:
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
@@ -284,8 +286,6 @@ class FakeCDN:
                 sent += len(data)
                 if self.rate:
                     await asyncio.sleep(len(data) / self.rate)
-                if self.shared_rate:
-                    await self._through_shared_pipe(len(data))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

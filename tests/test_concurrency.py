@@ -24,7 +24,7 @@ def test_a_count_that_keeps_paying_doubles_up_to_the_cap() -> None:
         count = adaptive.target
         counts.append(count)
         adaptive.measured(count, count * 25e6)  # each connection capped at 25 MB/s
-    assert counts == [START, 2 * START, 4 * START] and adaptive.target == PER_FILL_CAP  # the cap: nothing to try
+    assert counts == [START, 2 * START] and adaptive.target == PER_FILL_CAP  # the cap: nothing to try
 
 
 def test_a_shared_pipe_settles_on_the_fewest_connections_that_fill_it() -> None:
@@ -86,7 +86,7 @@ def test_cdn_capping_each_connection_gets_more_connections(
     caplog.set_level(logging.INFO, logger="mirror.fill")
     registry.cdn.rate = 2 * MB  # per connection, as a far CDN
     _fill_through(registry, start_mirror, tmp_path, 120 * MB)
-    assert _settled(caplog) >= 4 * START
+    assert _settled(caplog) >= 2 * START
 
 
 def test_cdn_behind_one_shared_pipe_keeps_few_connections(
