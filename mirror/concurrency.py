@@ -3,7 +3,7 @@ of the total.
 
 A CDN that caps each connection (25 MB/s each, say) rewards more connections up to the link's
 speed; a single shared pipe does not, and there more connections only add overhead. So a fill
-starts with a few connections and doubles them while the aggregate rate keeps rising, then
+starts with a few connections and doubles them while the aggregate rate keeps rising (by a quarter at least), then
 settles on the smallest count that reached the best rate. 429 or 503 halves it and stops the
 growth. ``--connections N`` pins the count instead.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 START = 8  # connections a fill opens first
 PER_FILL_CAP = 32  # the most one fill ever runs (Ollama itself runs 16 parts at once)
-GAIN = 0.15  # a step must raise the aggregate rate by this share to be kept
+GAIN = 0.25  # a doubling must raise the aggregate rate by this share to be kept (noise stays below it)
 WINDOW = 0.5  # seconds each connection count is measured over, once each of its streams has delivered
 
 

@@ -31,7 +31,7 @@ def test_a_shared_pipe_settles_on_the_fewest_connections_that_fill_it() -> None:
     adaptive = Adaptive()
     adaptive.measured(START, 100e6)
     assert adaptive.target == 2 * START and not adaptive.settled
-    adaptive.measured(2 * START, 104e6)  # twice the connections, no more bytes
+    adaptive.measured(2 * START, 110e6)  # twice the connections, hardly more bytes
     assert adaptive.settled and adaptive.target == START
 
 
@@ -95,4 +95,4 @@ def test_cdn_behind_one_shared_pipe_keeps_few_connections(
     caplog.set_level(logging.INFO, logger="mirror.fill")
     registry.cdn.shared_rate = 12 * MB  # all connections together
     _fill_through(registry, start_mirror, tmp_path, 80 * MB)
-    assert _settled(caplog) == START
+    assert _settled(caplog) <= 2 * START  # one doubling may be tried; never up to the cap
