@@ -161,7 +161,7 @@ class Fill:
         deadline = time.monotonic() + timeout
         demand = self.add_demand(position)
         try:
-            while not self.available(position, 1) and time.monotonic() < deadline:
+            while position < self.size and not self.available(position, 1) and time.monotonic() < deadline:
                 self.raise_if_failed()
                 await self.wait_progress(demand)
             self.raise_if_failed()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from .conftest import MirrorFactory
-from .fakes import Blob, FakeRegistry, ServerThread, write_blob
+from .fakes import Blob, FakeRegistry, ServerThread, blob_from_bytes, write_blob
 
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -228,3 +229,13 @@ def test_offline_serves_cache_and_refuses_the_rest(start_mirror: MirrorFactory, 
     r = httpx.head(f"{offline.url()}/v2/library/other/blobs/{other.digest}")
     assert r.status_code == 404
     assert len(registry.requests) == requests
+
+
+def test_empty_blob_on_a_cold_cache_answers_at_once(mirror: ServerThread, registry: FakeRegistry) -> None:
+    """A zero-byte layer (an empty template, say): nothing to wait for before the head."""
+    empty = blob_from_bytes(registry.directory, b"")
+    registry.add_model("library/empty", "1", [(empty, "template")])
+    began = time.monotonic()
+    r = httpx.get(f"{mirror.url()}/v2/library/empty/blobs/{empty.digest}", timeout=30)
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == "0"
+    assert time.monotonic() - began < 3
