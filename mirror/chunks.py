@@ -1,6 +1,9 @@
 """The chunk map of one blob being filled, and which chunk a free connection takes next.
 
-Pure data: no I/O, no awaits. The blob ``[0, size)`` is covered by contiguous
+Pure data: no I/O, no awaits. The map is written by its fill's download (on the fill loop) and
+read by the readers serving clients (on the serving loop): cutting a chunk and reading what is
+available take a lock, so a reader never sees the list half-updated.
+The blob ``[0, size)`` is covered by contiguous
 chunks; each records how many bytes from its start are on disk (``filled``) and
 which connection is writing it (``owner``). ``filled`` is all that readers, the
 hasher and resume-after-restart need.
@@ -26,6 +29,7 @@ megabytes on a fast link). Choosing the next chunk (``claim``):
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -63,6 +67,7 @@ class ChunkMap:
         self.size = size
         self.chunks = chunks
         self._starts = [c.start for c in chunks]
+        self._lock = threading.Lock()  # split() against readers on another thread
 
     @classmethod
     def empty(cls, size: int, chunk_size: int) -> ChunkMap:
@@ -86,10 +91,17 @@ class ChunkMap:
     # -- what is on disk ----------------------------------------------------
 
     def chunk_at(self, position: int) -> Chunk:
-        return self.chunks[bisect.bisect_right(self._starts, position) - 1]
+        with self._lock:
+            return self.chunks[bisect.bisect_right(self._starts, position) - 1]
 
     def available(self, position: int, limit: int) -> int:
         """How many bytes from ``position`` are on disk, contiguously (at most ``limit``)."""
+        if not 0 <= position < self.size:
+            return 0
+        with self._lock:
+            return self._available(position, limit)
+
+    def _available(self, position: int, limit: int) -> int:
         total = 0
         i = bisect.bisect_right(self._starts, position) - 1
         while i < len(self.chunks) and total < limit:
@@ -104,7 +116,8 @@ class ChunkMap:
 
     @property
     def done_bytes(self) -> int:
-        return sum(c.filled for c in self.chunks)
+        with self._lock:
+            return sum(c.filled for c in self.chunks)
 
     @property
     def complete(self) -> bool:
@@ -126,10 +139,11 @@ class ChunkMap:
         """Cut ``chunk`` at ``at``; the back part is a new idle chunk."""
         assert chunk.edge < at < chunk.stop, (chunk, at)
         back = Chunk(at, chunk.stop)
-        chunk.stop = at
-        i = bisect.bisect_right(self._starts, chunk.start)
-        self.chunks.insert(i, back)
-        self._starts.insert(i, at)
+        with self._lock:
+            chunk.stop = at
+            i = bisect.bisect_right(self._starts, chunk.start)
+            self.chunks.insert(i, back)
+            self._starts.insert(i, at)
         return back
 
     def claim(

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 START = 8  # connections a fill opens first
 PER_FILL_CAP = 32  # the most one fill ever runs (Ollama itself runs 16 parts at once)
 GAIN = 0.25  # a doubling must raise the aggregate rate by this share to be kept (noise stays below it)
-WINDOW = 0.5  # seconds each connection count is measured over, once each of its streams has delivered
+WINDOW = 0.5  # seconds of one measurement, taken once every stream of the count has delivered
+SAMPLES = 2  # windows per connection count
 
 
 class ConnectionBudget:
@@ -65,7 +66,8 @@ class Adaptive:
     cap: int = PER_FILL_CAP
     target: int = 0
     settled: bool = False
-    rates: dict[int, float] = field(default_factory=dict)  # connection count -> aggregate bytes/s seen
+    rates: dict[int, float] = field(default_factory=dict)  # connection count -> aggregate bytes/s it reached
+    _samples: dict[int, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.pinned:
@@ -75,15 +77,19 @@ class Adaptive:
 
     def measured(self, count: int, rate: float) -> bool:
         """The aggregate ``rate`` with ``count`` connections streaming for a whole window; True
-        when the target changed."""
-        if self.settled:
-            return False
-        self.rates[count] = max(rate, self.rates.get(count, 0.0))
-        if count < self.target:
+        when the target changed. A count is judged by the slower of its last two windows: a burst
+        of bytes that waited in socket buffers must not pass for a faster link."""
+        if self.settled or count < self.target:
             return False  # not every connection of this step was running: measure again
+        seen = self._samples.setdefault(count, [])
+        seen.append(rate)
+        if len(seen) < SAMPLES:
+            return False
+        self.rates[count] = min(seen[-SAMPLES:])
         previous = max((r for c, r in self.rates.items() if c < count), default=None)
-        if previous is not None and rate < previous * (1 + GAIN):
-            self.target = min(c for c, r in self.rates.items() if r * (1 + GAIN) >= max(self.rates.values()))
+        if previous is not None and self.rates[count] < previous * (1 + GAIN):
+            best = max(self.rates.values())
+            self.target = min(c for c, r in self.rates.items() if r * (1 + GAIN) >= best)
             self.settled = True
             return True
         if count >= self.cap:

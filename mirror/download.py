@@ -37,6 +37,7 @@ log = logging.getLogger("mirror.fill")
 WRITE_SIZE = 1 << 20  # bytes gathered from upstream before one pwrite
 HASH_SIZE = 8 << 20  # bytes hashed per thread hop
 SAVE_INTERVAL = 1.0  # seconds between saves of the chunk map (only when it changed)
+SAVE_BYTES = 8 << 20  # ... or as soon as this much landed, at most four saves a second
 DEMAND_PATIENCE = 2.0  # a reader blocked this long may cut another stream short (Ollama gives up at 30 s)
 MAX_BACKOFF = 30.0
 WHOLE = "whole"  # the owner of chunks written by the one-stream fallback
@@ -59,11 +60,13 @@ class Download:
         self._work = asyncio.Event()
         self._idle_workers = 0
         self._dirty = False
+        self._landed_event = asyncio.Event()  # the hasher's wake-up (readers have their own, on their loop)
         self._one_stream = False  # upstream ignores Range: one worker reads the body in order
         # The first request goes alone: if upstream ignores Range, each of the others would get a
         # whole body too. It is set once an answer says whether ranges work.
         self._probed = asyncio.Event()
-        fill.on_reader_blocked = self._wake_workers
+        here = asyncio.get_running_loop()
+        fill.on_reader_blocked = lambda: here.call_soon_threadsafe(self._wake_workers)
 
     def workers_wanted(self) -> int:
         return max(min(self.adaptive.target, sum(not c.done for c in self.map.chunks)), 0)
@@ -248,6 +251,8 @@ class Download:
     def _landed(self, chunk: Chunk, n: int) -> None:
         chunk.advance(n)
         self._dirty = True
+        self._landed_event.set()
+        self._landed_event = asyncio.Event()
         self.fill.landed(n)
 
     def _should_yield(self) -> bool:
@@ -255,7 +260,7 @@ class Download:
         if self._idle_workers or self._one_stream:
             return False
         now = time.monotonic()
-        for demand in self.fill.demands:
+        for demand in list(self.fill.demands):
             if demand.waiting_since is None or now - demand.waiting_since < DEMAND_PATIENCE:
                 continue
             if not 0 <= demand.position < self.fill.size:
@@ -268,7 +273,7 @@ class Download:
     def _demand_positions(self) -> tuple[list[int], list[int], list[int]]:
         """Reader positions for ``ChunkMap.claim``: urgent and waiting (oldest first), and all."""
         now = time.monotonic()
-        demands = self.fill.demands
+        demands = list(self.fill.demands)  # readers change the list from their own thread
         waiting = sorted((d for d in demands if d.waiting_since is not None), key=lambda d: d.waiting_since or 0.0)
         urgent = [d.position for d in waiting if now - (d.waiting_since or now) >= DEMAND_PATIENCE]
         return urgent, [d.position for d in waiting], [d.position for d in demands]
@@ -339,7 +344,7 @@ class Download:
         while position < self.fill.size:
             n = self.map.available(position, len(buffer))
             if n == 0:
-                await self.fill.changed()
+                await wait_event(self._landed_event, WAKE_TIMEOUT)
                 continue
             at, view = position, memoryview(buffer)[:n]
             await in_thread(lambda fd: hash_at(h, fd, at, view), self.staging)
@@ -348,10 +353,15 @@ class Download:
         return h.hexdigest()
 
     async def _save_loop(self) -> None:
+        """Save the chunk map once a second, or sooner when many bytes landed since the last save:
+        what a kill costs is what landed after it."""
+        saved_at, saved_bytes = time.monotonic(), self.fill.fetched
         while True:
-            await asyncio.sleep(SAVE_INTERVAL)
-            if self._dirty:
+            await asyncio.sleep(SAVE_INTERVAL / 4)
+            now, landed = time.monotonic(), self.fill.fetched - saved_bytes
+            if self._dirty and (now - saved_at >= SAVE_INTERVAL or landed >= SAVE_BYTES):
                 self._dirty = False
+                saved_at, saved_bytes = now, self.fill.fetched
                 await asyncio.to_thread(self.fill.save_progress)
 
 

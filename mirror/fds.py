@@ -45,6 +45,14 @@ class SharedFd:
             raise ValueError("descriptor already closed")
         return self._fd
 
+    def duplicate(self) -> SharedFd:
+        """A descriptor of the caller's own on the same file, made while this one is surely open
+        (its owner may be closing it from another thread)."""
+        with self._lock:
+            if self._closing:
+                raise ValueError("descriptor already closed")
+            return SharedFd(os.dup(self._fd))
+
     @property
     def closed(self) -> bool:
         return self._closing

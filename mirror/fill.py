@@ -26,6 +26,7 @@ from .concurrency import START, ConnectionBudget
 from .config import Settings
 from .errors import DigestMismatch, FillFailed, MirrorError, UpstreamInvalid
 from .fds import SharedFd, in_thread
+from .fill_loop import FillLoop
 from .metadata import Metadata
 from .names import Digest, Name
 from .store import BlobStore
@@ -88,6 +89,8 @@ class Fill:
         self.connections = 0  # upstream connections the download runs now
         self.started = time.monotonic()
         self.on_reader_blocked: Callable[[], None] = lambda: None  # the download's wake-up for idle connections
+        self._readers = asyncio.get_running_loop()  # the serving loop; the fill itself runs on the fill loop
+        self._told = False  # a wake-up for the readers is on its way
         self._store, self._meta, self._upstream, self._settings = store, meta, upstream, settings
         self._budget = budget or ConnectionBudget(settings.upstream_connections)
         self._lock_fd: int | None = None
@@ -119,8 +122,12 @@ class Fill:
 
     def reader_fd(self) -> SharedFd:
         """A descriptor of the reader's own: it stays valid after publish renames the file."""
-        if self.staging is not None and not self.staging.closed:
-            return SharedFd.dup(self.staging.fileno())
+        staging = self.staging
+        if staging is not None:
+            try:
+                return staging.duplicate()
+            except ValueError:
+                pass  # closed meanwhile: published, or failed
         fd = self._store.open_blob(self.digest)
         if fd is None:
             raise FillFailed(f"blob {self.digest.short} is neither filling nor stored")
@@ -150,10 +157,6 @@ class Fill:
             self.on_reader_blocked()  # an idle connection may now serve this position
         await wait_event(self._progress, WAKE_TIMEOUT)
 
-    async def changed(self) -> None:
-        """Wait until bytes land or the state changes (or a second passes)."""
-        await wait_event(self._progress, WAKE_TIMEOUT)
-
     async def first_bytes(self, position: int, timeout: float) -> None:
         """Wait until the byte at ``position`` is on disk, for at most ``timeout`` seconds;
         raise at once if the fill fails meanwhile. A response holds its head this long, so a
@@ -169,13 +172,21 @@ class Fill:
             self.remove_demand(demand)
 
     def notify(self) -> None:
-        """Bytes landed or the state changed: wake every reader (a new event each time)."""
+        """Bytes landed or the state changed: wake every reader (a new event each time). On the
+        serving loop; the fill's own loop calls ``tell_readers``."""
+        self._told = False
         self._progress.set()
         self._progress = asyncio.Event()
 
+    def tell_readers(self) -> None:
+        """``notify`` from any thread; one wake-up on its way at a time."""
+        if not self._told:
+            self._told = True
+            self._readers.call_soon_threadsafe(self.notify)
+
     def landed(self, n: int) -> None:
         self.fetched += n
-        self.notify()
+        self.tell_readers()
 
     # -- the lifecycle -------------------------------------------------------------------
 
@@ -189,7 +200,7 @@ class Fill:
                 return
             await asyncio.to_thread(self._open_staging)
             self.state = FillState.RUNNING
-            self.notify()
+            self.tell_readers()
             download = Download(self, self._upstream, self._settings, self._budget)
             log.info("fill start digest=%s size=%d connections=%d resumed=%d",
                      self.digest.short, self.size, download.workers_wanted(), self.resumed)
@@ -231,7 +242,7 @@ class Fill:
                          self.digest.short)
                 announced = True
             await asyncio.to_thread(self._follow)
-            self.notify()
+            self.tell_readers()
             await asyncio.sleep(FOLLOW_INTERVAL)
 
     def _follow(self) -> None:
@@ -277,7 +288,7 @@ class Fill:
     def _fail(self, error: MirrorError) -> None:
         self.error = error
         self.state = FillState.FAILED
-        self.notify()
+        self.tell_readers()
 
     def _after_failure(self) -> None:
         """Keep resumable progress; throw away bytes that were wrong."""
@@ -302,6 +313,9 @@ class Fill:
         if self._lock_fd is not None:
             self._store.unlock(self._lock_fd)
             self._lock_fd = None
+        self._readers.call_soon_threadsafe(self._finish)
+
+    def _finish(self) -> None:
         self._finished.set()
         self.notify()
 
@@ -315,12 +329,17 @@ class Fill:
 
 
 class FillEngine:
-    """Owns every fill: one per digest, started on first demand, kept alive by itself."""
+    """Owns every fill: one per digest, started on first demand, kept alive by itself.
+
+    Fills run on the fill loop (``fill_loop.py``), a thread of their own; the engine's table of
+    fills, and everything readers touch, stays on the serving loop."""
 
     def __init__(self, store: BlobStore, meta: Metadata, settings: Settings) -> None:
         self._store, self._meta, self._settings = store, meta, settings
         self._fills: dict[Digest, Fill] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = FillLoop()
+        self._tasks: set[asyncio.Task[None]] = set()  # on the fill loop only
+        self._upstreams: set[Upstream] = set()  # whose clients the fill loop opened
         self._budget = ConnectionBudget(settings.upstream_connections)  # shared by every fill
         self.finished: list[Callable[[Fill], None]] = []  # told of every fill that ended (metrics, eviction)
         self.closed = False
@@ -346,24 +365,36 @@ class FillEngine:
         fill = Fill(name, digest, size, store=self._store, meta=self._meta, upstream=upstream,
                     settings=self._settings, budget=self._budget)
         self._fills[digest] = fill
-        task = asyncio.get_running_loop().create_task(fill.run(), name=f"fill {digest.short}")
-        self._tasks.add(task)
-        task.add_done_callback(lambda t: self._forget(digest, fill, t))
+        self._upstreams.add(upstream)
+        serving = asyncio.get_running_loop()
+        self._loop.loop.call_soon_threadsafe(self._run, fill, lambda: serving.call_soon_threadsafe(self._forget, fill))
         return fill
 
-    def _forget(self, digest: Digest, fill: Fill, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if self._fills.get(digest) is fill:
-            del self._fills[digest]
+    def _run(self, fill: Fill, forget: Callable[[], None]) -> None:
+        """On the fill loop: the fill's task, kept until it ends."""
+        task = asyncio.get_running_loop().create_task(fill.run(), name=f"fill {fill.digest.short}")
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: (self._tasks.discard(t), forget()))
+
+    def _forget(self, fill: Fill) -> None:
+        if self._fills.get(fill.digest) is fill:
+            del self._fills[fill.digest]
         for listener in self.finished:
             listener(fill)
 
     async def close(self) -> None:
-        """Cancel every fill and start no more; each saves its progress on the way out."""
+        """Cancel every fill and start no more; each saves its progress on the way out. Then the
+        fill loop's upstream connections close, and the loop stops."""
         self.closed = True
+        await self._loop.run(self._cancel_all())
+        await asyncio.to_thread(self._loop.stop)
+
+    async def _cancel_all(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for upstream in self._upstreams:
+            await upstream.aclose()
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:

@@ -13,6 +13,7 @@ import email.utils
 import logging
 import re
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,13 +106,16 @@ class Upstream:
         self._policy = NetPolicy(self._origin[1], allow_networks=allow_networks, pinned=pinned,
                                  resolve=resolve, is_public=is_public)
         self.cdn_hosts: set[str] = set()  # hosts (host:port unless default) the registry redirected blobs to
-        backend = PolicyBackend(self._policy)
-        wait = connect_timeout if pool_timeout is None else pool_timeout
-        self.client = self._client(transport or PolicyTransport(backend, max_connections=self.REGISTRY_CONNECTIONS),
-                                   connect_timeout, stall_timeout, wait)
-        self._blob_client = self._client(transport or PolicyTransport(backend, max_connections=max_connections),
-                                         connect_timeout, stall_timeout, None)  # fills wait their turn
+        self._make_registry_client = lambda: self._client(
+            transport or PolicyTransport(PolicyBackend(self._policy), max_connections=self.REGISTRY_CONNECTIONS),
+            connect_timeout, stall_timeout, connect_timeout if pool_timeout is None else pool_timeout)
+        self._make_blob_client = lambda: self._client(  # fills wait their turn for a connection
+            transport or PolicyTransport(PolicyBackend(self._policy), max_connections=max_connections),
+            connect_timeout, stall_timeout, None)
+        # Connections belong to the event loop they were made on: fills run on a loop of their own.
+        self._by_loop: dict[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, httpx.AsyncClient]] = {}
         self._tokens: TTLCache[str, str] = TTLCache(maxsize=1024, ttl=240)
+        self._tokens_lock = threading.Lock()  # both loops' threads read and write the tokens
 
     @staticmethod
     def _client(transport: httpx.AsyncBaseTransport, connect: float, stall: float,
@@ -122,9 +126,28 @@ class Upstream:
             transport=transport,
         )
 
+    def _clients(self) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
+        """This event loop's registry client and blob client, made on first use."""
+        loop = asyncio.get_running_loop()
+        clients = self._by_loop.get(loop)
+        if clients is None:
+            clients = self._by_loop[loop] = (self._make_registry_client(), self._make_blob_client())
+        return clients
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The registry client of the running event loop."""
+        return self._clients()[0]
+
     async def aclose(self) -> None:
-        await self.client.aclose()
-        await self._blob_client.aclose()
+        """Close the running loop's clients (each loop closes its own)."""
+        clients = self._by_loop.pop(asyncio.get_running_loop(), None)
+        for client in clients or ():
+            await client.aclose()
+
+    def _token(self, name: Name) -> str | None:
+        with self._tokens_lock:
+            return self._tokens.get(str(name))
 
     # -- registry requests, with token challenges --------------------------------
 
@@ -134,7 +157,7 @@ class Upstream:
         """Send to the registry (streamed); answer one Bearer challenge with an anonymous token."""
         for attempt in range(2):
             sent = dict(headers)
-            token = self._tokens.get(str(name))
+            token = self._token(name)
             if token:
                 sent["Authorization"] = f"Bearer {token}"
             request = self.client.build_request(method, url, headers=sent)
@@ -144,7 +167,9 @@ class Upstream:
             if response.status_code != 401 or attempt or not challenge.lower().startswith("bearer"):
                 return response
             await response.aclose()
-            self._tokens[str(name)] = await self._fetch_token(challenge, url)
+            token = await self._fetch_token(challenge, url)
+            with self._tokens_lock:
+                self._tokens[str(name)] = token
         raise AssertionError("unreachable")
 
     async def _fetch_token(self, challenge: str, url: str) -> str:
@@ -224,7 +249,7 @@ class Upstream:
         raise UpstreamInvalid(f"more than {MAX_REDIRECTS} redirects resolving {url}")
 
     def _credentials(self, name: Name, url: str) -> dict[str, str]:
-        token = self._tokens.get(str(name))
+        token = self._token(name)
         if token and _origin(url) == self._origin:
             return {"Authorization": f"Bearer {token}"}
         return {}
@@ -239,7 +264,7 @@ class Upstream:
         then it is read from 0 and the bytes before ``start`` are dropped, so what the caller
         gets is always exactly the bytes from ``start`` on.
         """
-        return self._range(self._blob_client, location, start, stop, size, accept_whole=accept_whole)
+        return self._range(self._clients()[1], location, start, stop, size, accept_whole=accept_whole)
 
     @contextlib.asynccontextmanager
     async def _range(

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.concurrency import PER_FILL_CAP, START, Adaptive, ConnectionBudget
+from mirror.concurrency import PER_FILL_CAP, SAMPLES, START, Adaptive, ConnectionBudget
 
 from .conftest import MirrorFactory
 from .fakes import FakeRegistry, assert_store_verified, write_blob
@@ -23,22 +23,27 @@ def test_a_count_that_keeps_paying_doubles_up_to_the_cap() -> None:
     while not adaptive.settled:
         count = adaptive.target
         counts.append(count)
-        adaptive.measured(count, count * 25e6)  # each connection capped at 25 MB/s
+        for _ in range(SAMPLES):
+            adaptive.measured(count, count * 25e6)  # each connection capped at 25 MB/s
     assert counts == [START, 2 * START] and adaptive.target == PER_FILL_CAP  # the cap: nothing to try
 
 
 def test_a_shared_pipe_settles_on_the_fewest_connections_that_fill_it() -> None:
     adaptive = Adaptive()
     adaptive.measured(START, 100e6)
+    adaptive.measured(START, 101e6)
     assert adaptive.target == 2 * START and not adaptive.settled
-    adaptive.measured(2 * START, 110e6)  # twice the connections, hardly more bytes
+    adaptive.measured(2 * START, 180e6)  # a burst that waited in socket buffers...
+    assert not adaptive.settled
+    adaptive.measured(2 * START, 104e6)  # ...then the pipe's real rate: twice the connections, no gain
     assert adaptive.settled and adaptive.target == START
 
 
 def test_a_partial_window_does_not_count_as_a_step() -> None:
     adaptive = Adaptive()
-    adaptive.measured(START - 1, 10e6)  # one worker had not started yet
-    assert adaptive.target == START and not adaptive.settled
+    for _ in range(SAMPLES):
+        adaptive.measured(START - 1, 10e6)  # one worker had not started yet
+    assert adaptive.target == START and not adaptive.settled and not adaptive.rates
 
 
 def test_throttling_halves_even_a_pinned_count_and_stops_growth() -> None:
