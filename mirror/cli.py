@@ -282,7 +282,7 @@ class Cache:
         """Where the path came from, for messages: a typo'd flag and a surprising default read differently."""
         if self.sources.get("cache_dir", "default") == "default":
             user = _user_name(os.geteuid())
-            return f"the default for {user}, since --cache-dir was not given"
+            return f"the default for {user}; --cache-dir was not given"
         return f"from {named('cache_dir', self.sources)}"
 
     def existing(self) -> Layout:
@@ -314,13 +314,13 @@ class Cache:
             return None
         name, mine = _user_name(owner), _user_name(me)
         command = shlex.join(["ollama-mirror", *self.argv])
-        if "--cache-dir" not in self.argv and not any(a.startswith("--cache-dir=") for a in self.argv):
+        if self.sources.get("cache_dir", "default") in ("default", "environment"):  # not seen by `sudo -u`
             command += f" --cache-dir {shlex.quote(str(self.root))}"
         if owner in self.DYNAMIC_UIDS:
             run = (f"sudo systemd-run --pipe --wait --quiet -p DynamicUser=yes -p User={name} "
                    f"-p CacheDirectory={self.root.name} {command}")
         else:
-            run = f"sudo -u {name if name != str(owner) else '#' + name} {command}"
+            run = f"sudo -u {shlex.quote(name if name != str(owner) else f'#{owner}')} {command}"
         return (f"the cache at {self.root} belongs to {name}, not to {mine}: what {mine} wrote there the mirror "
                 f"could not change; run the command as its owner: {run}")
 
@@ -561,9 +561,9 @@ def cmd_ca(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
     ca = CertificateAuthority(cache.layout.state / "ca")
     if not ca.exists:
         service = f" (the service's: --cache-dir {SERVICE_CACHE})" if cache.root != SERVICE_CACHE else ""
-        raise CacheProblem(f"there is no CA at {ca.cert_path.parent} (the cache {cache.where}): name the cache "
-                           f"of the mirror that serves transparent mode with --cache-dir{service}; "
-                           f"`ollama-mirror ca init` would make a new CA, which every client must then trust")
+        raise CacheProblem(f"there is no CA in the cache at {cache.root} ({cache.where}): name the cache of the "
+                           f"mirror that serves transparent mode with --cache-dir{service}; `ollama-mirror ca "
+                           f"init` would make a new CA, which every client must then trust")
     sys.stdout.buffer.write(ca.certificate_pem())
     sys.stdout.flush()
     print(_trust_instructions(settings), file=sys.stderr)
