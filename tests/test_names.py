@@ -63,11 +63,11 @@ def test_commands_find_a_model_stored_under_the_one_other_host(registry: FakeReg
     assert [row["name"] for row in json.loads(cli("ls", "--json", cache=cache, upstream=registry.url).stdout)] \
         == ["tiny:1b"]
     result = cli("export", "tiny:1b", "--to", str(usb), cache=cache)
-    assert result.returncode == 0 and result.stderr.splitlines()[0] == used
+    assert result.returncode == 0 and used in result.stderr.splitlines()
     assert (usb / "manifests" / _host(registry) / "library" / "tiny" / "1b").is_file()
     result = cli("freeze", "tiny:1b", cache=cache)
     assert list(json.loads(result.stdout)["models"]) == [full]  # lock files name models in full
-    assert result.stderr.splitlines()[0] == used
+    assert used in result.stderr.splitlines()
     result = cli("pin", "tiny:1b", cache=cache)
     assert result.returncode == 0 and result.stderr.splitlines() == [used, "pinned tiny:1b"]
     assert json.loads(cli("ls", "--json", cache=cache).stdout)[0]["pinned"]
@@ -99,10 +99,10 @@ def test_import_says_which_models_came_under_another_host(registry: FakeRegistry
     assert cli("export", "--all", "--to", str(usb), cache=cache).returncode == 0
     result = cli("import", str(usb), cache=island)
     assert result.returncode == 0
-    assert result.stderr.splitlines()[-1] == (
+    assert result.stderr.splitlines().count(
         f"note: 1 model(s) came in under {_host(registry)}, not under the default registry registry.ollama.ai: "
         f"commands name them in full ({_host(registry)}/...), and `serve` answers them in named mode with "
-        f"--upstream http://{_host(registry)} (add --offline where it cannot be reached)")
+        f"--upstream http://{_host(registry)} (add --offline where it cannot be reached)") == 1  # log lines may come later
 
 
 def test_a_mirror_of_a_mirror_keeps_the_registrys_names_through_export_to_an_island(
