@@ -69,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
             else:
                 message = f"{what}: {typed!r} is not one of {', '.join(options)}{_suggest(typed, options)}"
         elif message.startswith("the following arguments are required: COMMAND"):
-            message = "name a command: " + ", ".join(COMMAND_NAMES) + f" (`{self.prog} --help` says what each does)"
+            message = f"name a command: {', '.join(_commands(self))} (`{self.prog} --help` says what each does)"
         elif message.startswith("argument "):
             message = message.removeprefix("argument ")
         self.exit(2, f"{self.prog}: {message}\n")
@@ -166,8 +166,6 @@ def _parser() -> _Parser:
     return parser
 
 
-COMMAND_NAMES = ("serve", "pull", "import", "export", "ls", "rm", "pin", "unpin", "verify", "freeze", "gc",
-                 "config", "ca")
 SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "manifest_ttl", "log_level", "lock",
                  "allow_networks", "registries", "proxy_listen", "tls_listen", "tls_cert", "tls_key",
                  "tunnel_allow", "resolve", "max_size", "min_free", "upstream_connections", "upstream_rate",
@@ -175,11 +173,11 @@ SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "m
 LIST_FLAGS = {"registries", "resolve", "tokens"}  # repeatable flags, joined into one comma-separated setting
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:  # argparse keeps subparsers only there
         if isinstance(action, argparse._SubParsersAction):
-            return action.choices[command]  # type: ignore[no-any-return]
-    raise KeyError(command)
+            return dict(action.choices)
+    return {}
 
 
 def _options(parser: argparse.ArgumentParser, *, taking_a_value: bool = False) -> list[str]:
@@ -190,9 +188,9 @@ def _options(parser: argparse.ArgumentParser, *, taking_a_value: bool = False) -
 def _glue_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """``--max-size -5G``: argparse takes ``-5G`` for an option and answers with its usage; glued as
     ``--max-size=-5G``, the value reaches the setting's own check, which says what is wrong with it."""
-    if not argv or argv[0] not in COMMAND_NAMES:
+    sub = _commands(parser).get(argv[0]) if argv else None
+    if sub is None:
         return argv
-    sub = _subparser(parser, argv[0])
     valued, known = set(_options(sub, taking_a_value=True)), set(_options(sub))
     glued: list[str] = []
     rest = iter(argv)
@@ -207,7 +205,7 @@ def _glue_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[
 
 
 def _refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> NoReturn:
-    sub = _subparser(parser, command)
+    sub = _commands(parser)[command]
     typed = unknown[0]
     if typed.startswith("-"):
         flag = typed.partition("=")[0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.names import Name, ModelRef, typed_name
+from mirror.names import ModelRef, Name, typed_name
 
 from .conftest import MirrorFactory
 from .fakes import Blob, FakeRegistry, write_blob
