@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(render(settings, sources))
         return
     logs.configure(settings.log_level, settings.log_format)
-    cache = Cache(settings, sources, args.command, given)
+    cache = Cache(settings, sources, given)
     if args.command == "serve":
         serve(settings, cache)
         return
@@ -270,8 +270,8 @@ class Cache:
 
     DYNAMIC_UIDS = range(61184, 65520)  # systemd's DynamicUser= range
 
-    def __init__(self, settings: Settings, sources: Mapping[str, str], command: str, argv: list[str]) -> None:
-        self.settings, self.sources, self.command, self.argv = settings, sources, command, argv
+    def __init__(self, settings: Settings, sources: Mapping[str, str], argv: list[str]) -> None:
+        self.sources, self.argv = sources, argv
         self.root = settings.cache_dir
         self.layout = Layout(self.root, settings.default_host)
 
@@ -319,8 +319,8 @@ class Cache:
                    f"-p CacheDirectory={self.root.name} {command}")
         else:
             run = f"sudo -u {shlex.quote(name if name != str(owner) else f'#{owner}')} {command}"
-        return (f"the cache at {self.root} belongs to {name}, not to {mine}: what {mine} wrote there the mirror "
-                f"could not change; run the command as its owner: {run}")
+        return (f"the cache at {self.root} belongs to {name}, not to {mine}: files {mine} wrote there would be "
+                f"{mine}'s, which the mirror running as {name} could not change; run the command as its owner: {run}")
 
     def explain(self, exc: OSError) -> str:
         """An OSError in one sentence; one met inside the cache, with what to do about it."""

@@ -179,9 +179,10 @@ def test_writing_a_cache_another_user_owns_is_refused_with_the_command_to_run(tm
         os.chown(path, 4242, 4242)  # as the service's user owns its cache
     result = run("import", "/media/usb/models", "--cache-dir", str(cache))
     assert result.returncode == 1
-    assert result.stderr == (f"ollama-mirror import: the cache at {cache} belongs to 4242, not to root: what root "
-                             f"wrote there the mirror could not change; run the command as its owner: sudo -u '#4242' "
-                             f"ollama-mirror import /media/usb/models --cache-dir {cache}\n")
+    assert result.stderr == (f"ollama-mirror import: the cache at {cache} belongs to 4242, not to root: files root "
+                             f"wrote there would be root's, which the mirror running as 4242 could not change; run "
+                             f"the command as its owner: sudo -u '#4242' ollama-mirror import /media/usb/models "
+                             f"--cache-dir {cache}\n")
     assert not [p for p in cache.rglob("*") if p.stat().st_uid != 4242]
     listed = run("ls", "--cache-dir", str(cache))  # reading is fine
     assert listed.returncode == 0, listed.stderr
