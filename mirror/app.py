@@ -21,20 +21,20 @@ from starlette.routing import BaseRoute
 from . import ollama_api, status
 from .access import AccessControl, ManagePolicy, load_keys
 from .blobs import BlobService
-from .config import Settings
+from .config import DEFAULT_UPSTREAM, Settings
 from .errors import MirrorError, NameInvalid
 from .eviction import Evictor
 from .fill import FillEngine
-from .layout import Layout
+from .layout import Layout, cache_problem, registry_host
 from .models import DEFAULT_REGISTRY, CachedModel
-from .names import Digest
+from .names import Digest, is_registry_host
 from .logs import AccessLog
 from .manifests import ManifestService
 from .metadata import Metadata
 from .pulls import PullService
 from .responses import error_response, registry_error
 from .metrics import Metrics
-from .routes import fallback
+from .routes import REGISTRY_HEADER, fallback
 from .routes import routes as registry_routes
 from .store import BlobStore, Removed
 from .upstream import Throttle, Upstream
@@ -132,6 +132,7 @@ class Mirror:
 @contextlib.asynccontextmanager
 async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
     """Build the parts; on exit, fills save their progress and everything is closed."""
+    settings = await _following_a_mirror(settings)
     layout = Layout(settings.cache_dir, settings.default_host)
     store = BlobStore(layout)
     meta = Metadata(layout.meta)
@@ -155,6 +156,35 @@ async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
         meta.close()
 
 
+TIER_PROBE_TIMEOUT = 5.0  # seconds the start waits to learn whether its upstream is another mirror
+
+
+async def _following_a_mirror(settings: Settings) -> Settings:
+    """Asks the upstream's ``/v2/`` once whether it is another ollama-mirror, and which registry it
+    mirrors: then this mirror stores and names tags under that registry's host (as ``--registry
+    HOST=<upstream>`` says explicitly), so a tier of mirrors keeps ``registry.ollama.ai/library/...``."""
+    explicit = settings.default_host != registry_host(settings.upstream)
+    if settings.offline or explicit or settings.upstream.rstrip("/") == DEFAULT_UPSTREAM:
+        return settings
+    upstream = _upstream(settings.upstream, settings, None)
+    try:  # the upstream's own client; its health is reported by the start-up probe, not here
+        response = await upstream.client.get(f"{upstream.base_url}/v2/", timeout=TIER_PROBE_TIMEOUT)
+        announced = response.headers.get(REGISTRY_HEADER, "").strip().lower()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not known to be a mirror"
+        log.warning("tier probe failed url=%s reason=%s: tags are stored under %s; if it is another "
+                    "ollama-mirror, restart once it answers, or name its registry with --registry "
+                    "registry.ollama.ai=%s", settings.upstream, str(exc) or type(exc).__name__, settings.default_host,
+                    settings.upstream)
+        return settings
+    finally:
+        await upstream.aclose()
+    if not announced or announced == settings.default_host or not is_registry_host(announced):
+        return settings
+    log.info("upstream is a mirror url=%s registry=%s: tags are stored under %s", settings.upstream,
+             announced, announced)
+    return settings.mirroring(announced)
+
+
 def _start_eviction(mirror: Mirror) -> asyncio.Task[None] | None:
     high = mirror.settings.max_bytes()
     if high is None:
@@ -167,11 +197,15 @@ def _start_eviction(mirror: Mirror) -> asyncio.Task[None] | None:
     return asyncio.get_running_loop().create_task(mirror.evictor.run_forever(), name="eviction")
 
 
+def _upstream(url: str, settings: Settings, throttle: Throttle | None) -> Upstream:
+    return Upstream(url, connect_timeout=settings.connect_timeout, stall_timeout=settings.stall_timeout,
+                    max_connections=settings.upstream_connections, allow_networks=settings.allowed_networks,
+                    pinned=settings.pinned_addresses, throttle=throttle)
+
+
 def _registry(host: str, url: str, store: BlobStore, meta: Metadata, engine: FillEngine,
               settings: Settings, throttle: Throttle | None) -> Registry:
-    upstream = Upstream(url, connect_timeout=settings.connect_timeout, stall_timeout=settings.stall_timeout,
-                        max_connections=settings.upstream_connections, allow_networks=settings.allowed_networks,
-                        pinned=settings.pinned_addresses, throttle=throttle)
+    upstream = _upstream(url, settings, throttle)
     manifests = ManifestService(store, meta, upstream, settings, host)
     blobs = BlobService(store, meta, upstream, engine, settings)
     return Registry(host, upstream, manifests, blobs, PullService(manifests, blobs))
@@ -183,11 +217,16 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_mirror(settings) as mirror:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                mirror = await stack.enter_async_context(open_mirror(settings))
+            except OSError as exc:  # `serve` checks the cache first: this names the cause of a race past it
+                log.error("mirror failed reason=%s", cache_problem(settings.cache_dir, exc))
+                raise
             state = app.state
             state.mirror, state.layout, state.engine = mirror, mirror.layout, mirror.engine
             state.metrics = Metrics(mirror)
-            upstreams = " ".join(f"{host}={url}" for host, url in settings.registry_urls.items())
+            upstreams = " ".join(f"{host}={url}" for host, url in mirror.settings.registry_urls.items())
             log.info("mirror ready cache=%s registries=%s%s", settings.cache_dir, upstreams,
                      " offline" if settings.offline else "")
             yield

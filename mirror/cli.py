@@ -6,17 +6,23 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
+import difflib
+import errno
 import json
 import logging
 import os
+import pwd
+import re
+import shlex
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-
+from typing import NoReturn, TextIO
 
 from . import __version__, eviction, logs, models, seeding
 from .access import load_keys
@@ -29,14 +35,16 @@ from .config import (
     DEFAULT_UPSTREAM,
     Settings,
     SettingsError,
+    env_name,
+    flag_name,
     load_settings,
     render,
 )
 from .errors import MirrorError
-from .layout import Layout
+from .layout import Layout, cache_problem
 from .metadata import Metadata
 from .models import CachedModel
-from .names import ModelRef
+from .names import ModelRef, typed_name
 from .progress import Progress, human
 from .server import ListenError, build_server
 from .store import BlobStore
@@ -44,71 +52,114 @@ from .store import BlobStore
 log = logging.getLogger("mirror")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ollama-mirror", description="A pull-through cache for the Ollama registry.")
+ENV_NOTE = "Settings: /etc/ollama-mirror/config.toml (or --config), then OLLAMA_MIRROR_* variables, then flags; " \
+           "`ollama-mirror config` prints the effective ones and where each came from."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors in one line: what was wrong, and the likely fix (a close match for a
+    typo) instead of a screen of usage."""
+
+    def error(self, message: str) -> NoReturn:
+        choice = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            what, typed, options = choice[1], choice[2], re.findall(r"'([^']*)'", choice[3])
+            if what == "COMMAND":
+                message = f"unknown command {typed!r}{_suggest(typed, options)} (`{self.prog} --help` lists them)"
+            else:
+                message = f"{what}: {typed!r} is not one of {', '.join(options)}{_suggest(typed, options)}"
+        elif message.startswith("the following arguments are required: COMMAND"):
+            message = f"name a command: {', '.join(_commands(self))} (`{self.prog} --help` says what each does)"
+        elif message.startswith("argument "):
+            message = message.removeprefix("argument ")
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def _suggest(typed: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(typed, options, n=1, cutoff=0.6)
+    return f": did you mean {close[0]}?" if close else ""
+
+
+def _setting(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: object) -> None:
+    """A flag that sets a setting: its help names the environment variable that sets it too."""
+    dest = str(kwargs.get("dest") or flag.removeprefix("--").replace("-", "_"))
+    parser.add_argument(flag, help=f"{help} [env {env_name(dest)}]".replace("%", "%%"), **kwargs)  # type: ignore[arg-type]
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="ollama-mirror", description="A pull-through cache for the Ollama registry.",
+                     epilog=ENV_NOTE)
     parser.add_argument("--version", action="version", version=f"ollama-mirror {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help=f"a TOML settings file (default {DEFAULT_CONFIG} if present)")
-    common.add_argument("--cache-dir", help=f"the cache, an Ollama models directory (default {DEFAULT_CACHE_DIR})")
-    common.add_argument("--upstream", help=f"registry URL to fill from (default {DEFAULT_UPSTREAM})")
-    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    common.add_argument("--log-format", choices=["text", "json"])
-    common.add_argument("--registry", action="append", dest="registries", metavar="HOST=URL",
-                        help="mirror this registry host, filled from URL (repeatable; "
-                             "default registry.ollama.ai=https://registry.ollama.ai)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    common.add_argument("--config", help=f"a TOML settings file (default {DEFAULT_CONFIG} if present) "
+                                         f"[env OLLAMA_MIRROR_CONFIG]")
+    _setting(common, "--cache-dir", f"the cache, an Ollama models directory (default {DEFAULT_CACHE_DIR})")
+    _setting(common, "--upstream", f"registry URL to fill from (default {DEFAULT_UPSTREAM})")
+    _setting(common, "--log-level", "how much to log (default info)", choices=["debug", "info", "warning", "error"])
+    _setting(common, "--log-format", "log lines as text, or one JSON object per line for log shippers "
+                                     "(default text)", choices=["text", "json"])
+    _setting(common, "--registry", "mirror this registry host, filled from URL (repeatable; default "
+                                   "registry.ollama.ai=https://registry.ollama.ai; the host given for the "
+                                   "--upstream URL names its tags, as for a mirror of a mirror)",
+             action="append", dest="registries", metavar="HOST=URL")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = argparse.ArgumentParser(add_help=False)  # serve's options; `config` takes them too
-    serve.add_argument("--listen", help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN}; port 0 picks one)")
-    serve.add_argument("--offline", action="store_const", const=True, help="never contact upstream")
-    serve.add_argument("--connections", type=int, help="parallel Range requests per blob (default 8)")
-    serve.add_argument("--manifest-ttl", type=float, help="seconds a cached tag is served before revalidating (600)")
-    serve.add_argument("--lock", help="a lock file from `freeze`: its tags answer exactly its manifests")
-    serve.add_argument("--allow-networks", help="CIDRs a public upstream may redirect to although private")
-    serve.add_argument("--max-size", help="evict least-recently-used models above this: 500G (K/M/G/T) or 80%%")
-    serve.add_argument("--min-free", help="refuse fills (507) that would leave less free disk than this (1G)")
-    serve.add_argument("--upstream-connections", type=int, help="upstream connections, all fills together (64)")
-    serve.add_argument("--upstream-rate", help="bandwidth cap for all fills together, bytes/s: 50M (none)")
-    serve.add_argument("--allow-clients", help="CIDRs that may use the mirror, comma-separated (anyone)")
-    serve.add_argument("--manage-clients", help="CIDRs that may pull/delete through Ollama's API besides the "
-                                                "mirror's own host, comma-separated (none)")
-    serve.add_argument("--token", action="append", dest="tokens", metavar="TOKEN",
-                       help="a bearer token that may pull (repeatable; better in the config file)")
-    serve.add_argument("--keys-file", help="Ollama public keys (lines of ~/.ollama/id_ed25519.pub) that may pull")
-    serve.add_argument("--admin-listen", help="HOST:PORT for /metrics and the status page only")
-    serve.add_argument("--proxy-listen", help="HOST:PORT for clients with HTTPS_PROXY (transparent mode)")
-    serve.add_argument("--tls-listen", help="HOST:PORT answering TLS as the mirrored hosts (LAN DNS override)")
-    serve.add_argument("--tls-cert", help="certificate (PEM) for --tls-listen instead of one from the mirror's CA")
-    serve.add_argument("--tls-key", help="its private key (PEM)")
-    serve.add_argument("--tunnel-allow", help="hosts the proxy tunnels untouched, comma-separated (ollama.com)")
-    serve.add_argument("--resolve", action="append", metavar="HOST=IP",
-                       help="reach an upstream host at this address (a LAN DNS override must not loop to us)")
+    _setting(serve, "--listen", f"HOST:PORT to listen on (default {DEFAULT_LISTEN}; port 0 picks one)")
+    _setting(serve, "--offline", "never contact upstream", action="store_const", const=True)
+    _setting(serve, "--connections", "parallel Range requests per blob; 0 (the default): adapt to what upstream gives, up to 32", type=int)
+    _setting(serve, "--manifest-ttl", "seconds a cached tag is served before revalidating (600)", type=float)
+    _setting(serve, "--lock", "a lock file from `freeze`: its tags answer exactly its manifests")
+    _setting(serve, "--allow-networks", "CIDRs a public upstream may redirect to although private")
+    _setting(serve, "--max-size", "evict least-recently-used models above this: 500G (K/M/G/T) or 80%")
+    _setting(serve, "--min-free", "refuse fills (507) that would leave less free disk than this (1G)")
+    _setting(serve, "--upstream-connections", "upstream connections, all fills together (64)", type=int)
+    _setting(serve, "--upstream-rate", "bandwidth cap for all fills together, bytes/s: 50M (none)")
+    _setting(serve, "--allow-clients", "CIDRs that may use the mirror, comma-separated (anyone)")
+    _setting(serve, "--manage-clients", "CIDRs that may pull/delete through Ollama's API besides the "
+                                        "mirror's own host, comma-separated (none)")
+    _setting(serve, "--token", "a bearer token that may pull (repeatable; better in the config file)",
+             action="append", dest="tokens", metavar="TOKEN")
+    _setting(serve, "--keys-file", "Ollama public keys (lines of ~/.ollama/id_ed25519.pub) that may pull")
+    _setting(serve, "--admin-listen", "HOST:PORT for /metrics and the status page only")
+    _setting(serve, "--proxy-listen", "HOST:PORT for clients with HTTPS_PROXY (transparent mode)")
+    _setting(serve, "--tls-listen", "HOST:PORT answering TLS as the mirrored hosts (LAN DNS override)")
+    _setting(serve, "--tls-cert", "certificate (PEM) for --tls-listen instead of one from the mirror's CA")
+    _setting(serve, "--tls-key", "its private key (PEM)")
+    _setting(serve, "--tunnel-allow", "hosts the proxy tunnels untouched, comma-separated (ollama.com)")
+    _setting(serve, "--resolve", "reach an upstream host at this address (a LAN DNS override must not loop to "
+                                 "us; repeatable)", action="append", metavar="HOST=IP")
 
-    commands.add_parser("serve", parents=[common, serve], help="serve the registry protocol from the cache")
+    def command(name: str, help: str, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=parents, help=help, description=help, epilog=ENV_NOTE)
+
+    command("serve", "serve the registry protocol from the cache", [common, serve])
     models_help = "models as a user types them: qwen2.5:7b, team/model:v1, host:port/ns/model:tag"
-    pull = commands.add_parser("pull", parents=[common], help="warm the cache from upstream, without a client")
+    pull = command("pull", "warm the cache from upstream, without a client", [common])
     pull.add_argument("models", nargs="+", help=models_help)
-    imp = commands.add_parser("import", parents=[common], help="ingest an Ollama models directory or a bundle")
+    imp = command("import", "ingest an Ollama models directory or a bundle", [common])
     imp.add_argument("path", help="a models directory (~/.ollama/models, a USB copy), an export .tar, or - (stdin)")
-    exp = commands.add_parser("export", parents=[common], help="write models as an Ollama models directory or tar")
+    exp = command("export", "write models as an Ollama models directory or tar", [common])
     exp.add_argument("models", nargs="*", help=models_help)
     exp.add_argument("--to", required=True, help="a directory, a FILE.tar, or - for a tar on stdout")
     exp.add_argument("--all", action="store_true", help="every cached model")
-    ls = commands.add_parser("ls", parents=[common], help="the cached models")
+    ls = command("ls", "the cached models, named as you would type them", [common])
     ls.add_argument("--json", action="store_true", help="machine-readable output")
-    rm = commands.add_parser("rm", parents=[common], help="remove a tag; blobs no other model uses go with it")
+    rm = command("rm", "remove a tag; blobs no other model uses go with it", [common])
     rm.add_argument("models", nargs="+", help=models_help)
-    for verb in ("pin", "unpin"):
-        p = commands.add_parser(verb, parents=[common], help=f"{verb} models (pinned ones survive any cleanup)")
-        p.add_argument("models", nargs="+", help=models_help)
-    commands.add_parser("verify", parents=[common], help="re-hash every blob; move bad ones aside")
-    freeze = commands.add_parser("freeze", parents=[common], help="print tag -> manifest digest for `serve --lock`")
+    pin = command("pin", "keep models through eviction and gc: a pinned model is never removed to free space "
+                         "(ollama-mirror rm still removes it)", [common])
+    pin.add_argument("models", nargs="+", help=models_help)
+    unpin = command("unpin", "let eviction and gc remove models again when space is needed", [common])
+    unpin.add_argument("models", nargs="+", help=models_help)
+    command("verify", "re-hash every blob; move bad ones aside", [common])
+    freeze = command("freeze", "print tag -> manifest digest for `serve --lock`", [common])
     freeze.add_argument("models", nargs="*", help="only these (default: all cached)")
-    gc = commands.add_parser("gc", parents=[common], help="evict down to the low watermark of --max-size now")
-    gc.add_argument("--max-size", help="as for serve (default: the configured one; none: only unused blobs)")
+    gc = command("gc", "evict down to the low watermark of --max-size now", [common])
+    _setting(gc, "--max-size", "as for serve (default: the configured one; none: only unused blobs)")
     gc.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
-    commands.add_parser("config", parents=[common, serve], help="print the effective settings (TOML) and their sources")
-    ca = commands.add_parser("ca", parents=[common], help="the private CA for transparent (proxy/DNS) mode")
+    command("config", "print the effective settings (TOML) and their sources", [common, serve])
+    ca = command("ca", "the private CA for transparent (proxy/DNS) mode", [common])
     ca.add_argument("action", choices=["init", "export"],
                     help="init: create it (once); export: print its certificate, and how to trust it")
     ca.add_argument("--proxy-listen", help="the proxy address to show in the instructions")
@@ -122,8 +173,54 @@ SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "m
 LIST_FLAGS = {"registries", "resolve", "tokens"}  # repeatable flags, joined into one comma-separated setting
 
 
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse keeps subparsers only there
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _options(parser: argparse.ArgumentParser, *, taking_a_value: bool = False) -> list[str]:
+    return [flag for action in parser._actions for flag in action.option_strings
+            if not taking_a_value or action.nargs is None]
+
+
+def _glue_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--max-size -5G``: argparse takes ``-5G`` for an option and answers with its usage; glued as
+    ``--max-size=-5G``, the value reaches the setting's own check, which says what is wrong with it."""
+    sub = _commands(parser).get(argv[0]) if argv else None
+    if sub is None:
+        return argv
+    valued, known = set(_options(sub, taking_a_value=True)), set(_options(sub))
+    glued: list[str] = []
+    rest = iter(argv)
+    for token in rest:
+        following = next(rest, None) if token in valued else None
+        if following is not None and following.startswith("-") and len(following) > 1 \
+                and following.partition("=")[0] not in known:
+            glued.append(f"{token}={following}")
+        else:
+            glued.extend([token] if following is None else [token, following])
+    return glued
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> NoReturn:
+    sub = _commands(parser)[command]
+    typed = unknown[0]
+    if typed.startswith("-"):
+        flag = typed.partition("=")[0]
+        message = f"unknown option {flag}{_suggest(flag, _options(sub))}"
+    else:
+        message = f"unexpected argument {typed!r}"
+    sub.exit(2, f"{sub.prog}: {message} (`{sub.prog} --help` lists what it takes)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    given = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(_glue_dash_values(parser, given))
+    if unknown:
+        _refuse_unknown(parser, args.command, unknown)
     flags = {k: (",".join(v) if k in LIST_FLAGS and v else v) for k, v in vars(args).items() if k in SETTING_FLAGS}
     try:
         settings, sources = load_settings(flags, os.environ, Path(args.config) if args.config else None)
@@ -133,38 +230,157 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(render(settings, sources))
         return
     logs.configure(settings.log_level, settings.log_format)
+    cache = Cache(settings, sources, given)
     if args.command == "serve":
-        serve(settings)
+        serve(settings, cache)
         return
     try:
-        COMMANDS[args.command](settings, args)
-    except (MirrorError, ValueError, OSError) as exc:
+        COMMANDS[args.command](settings, args, cache)
+    except CacheProblem as exc:
         sys.exit(f"ollama-mirror {args.command}: {exc}")
+    except OSError as exc:
+        sys.exit(f"ollama-mirror {args.command}: {cache.explain(exc)}")
+    except (MirrorError, ValueError) as exc:
+        sys.exit(f"ollama-mirror {args.command}: {exc}")
+
+
+def named(key: str, sources: Mapping[str, str]) -> str:
+    """A setting as the user gave it: the flag, the variable, the key in a file, or its default."""
+    source = sources.get(key, "default")
+    if source == "command line":
+        return flag_name(key)
+    if source == "environment":
+        return env_name(key)
+    if source == "default":
+        return f"the default {flag_name(key)}"
+    return f"{key} in {source}"
+
+
+# -- the cache a command works on -----------------------------------------------------------
+
+
+class CacheProblem(Exception):
+    """The cache cannot be used as the command needs: the message is the sentence to print."""
+
+
+class Cache:
+    """The cache a command works on. Commands that only read never create one (a mistyped
+    ``--cache-dir`` says so); commands that write check first that they can, and that they
+    write as the cache's owner, so no file is left that the mirror's own user cannot change."""
+
+    DYNAMIC_UIDS = range(61184, 65520)  # systemd's DynamicUser= range
+
+    def __init__(self, settings: Settings, sources: Mapping[str, str], argv: list[str]) -> None:
+        self.sources, self.argv = sources, argv
+        self.root = settings.cache_dir
+        self.layout = Layout(self.root, settings.default_host)
+
+    @property
+    def where(self) -> str:
+        """Where the path came from, for messages: a typo'd flag and a surprising default read differently."""
+        if self.sources.get("cache_dir", "default") == "default":
+            user = _user_name(os.geteuid())
+            return f"the default for {user}; --cache-dir was not given"
+        return f"from {named('cache_dir', self.sources)}"
+
+    def existing(self) -> Layout:
+        """A cache that is there, for commands that read (and those that change what is there)."""
+        if not (self.layout.manifests.is_dir() or self.layout.blobs.is_dir()):
+            raise CacheProblem(f"there is no cache at {self.root} ({self.where}): name the mirror's cache with "
+                               f"--cache-dir, or fill one with `ollama-mirror pull` or `import`")
+        return self.layout
+
+    def writable(self, *, create: bool = False) -> Layout:
+        """The cache, checked for writing: ours to write (see ``owner_problem``), and writable now."""
+        if not create:
+            self.existing()
+        if self.root.exists():
+            problem = self.owner_problem()
+            if problem:
+                raise CacheProblem(problem)
+        try:
+            self.layout.make_dirs()
+            _probe_write(self.layout.staging)
+        except OSError as exc:
+            raise CacheProblem(cache_problem(self.root, exc)) from None
+        return self.layout
+
+    def owner_problem(self) -> str | None:
+        owner = self.root.stat().st_uid
+        me = os.geteuid()
+        if owner == me:
+            return None
+        name, mine = _user_name(owner), _user_name(me)
+        command = shlex.join(["ollama-mirror", *self.argv])
+        if self.sources.get("cache_dir", "default") in ("default", "environment"):  # not seen by `sudo -u`
+            command += f" --cache-dir {shlex.quote(str(self.root))}"
+        if owner in self.DYNAMIC_UIDS:
+            run = (f"sudo systemd-run --pipe --wait --quiet -p DynamicUser=yes -p User={name} "
+                   f"-p CacheDirectory={self.root.name} {command}")
+        else:
+            run = f"sudo -u {shlex.quote(name if name != str(owner) else f'#{owner}')} {command}"
+        return (f"the cache at {self.root} belongs to {name}, not to {mine}: files {mine} wrote there would be "
+                f"{mine}'s, which the mirror running as {name} could not change; run the command as its owner: {run}")
+
+    def explain(self, exc: OSError) -> str:
+        """An OSError in one sentence; one met inside the cache, with what to do about it."""
+        where = Path(str(exc.filename)) if exc.filename else None
+        if where is not None and (where == self.root or self.root in where.parents):
+            return cache_problem(self.root, exc)
+        return f"{where}: {exc.strerror}" if where is not None and exc.strerror else str(exc)
+
+
+def _probe_write(directory: Path) -> None:
+    """Write (and remove) a little data, so a read-only, unwritable or full disk shows now, in one line."""
+    fd, path = tempfile.mkstemp(prefix="tmp-probe-", dir=directory)
+    try:
+        os.write(fd, b"\0" * 65536)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 # -- seeding commands ---------------------------------------------------------------------
 
 
-def _layout(settings: Settings) -> Layout:
-    layout = Layout(settings.cache_dir, settings.default_host)
-    layout.make_dirs()
-    return layout
-
-
-def _store(settings: Settings) -> BlobStore:
-    return BlobStore(Layout(settings.cache_dir, settings.default_host))
+def _stored_hosts(layout: Layout) -> list[str]:
+    return sorted(p.name for p in layout.manifests.iterdir() if p.is_dir()) if layout.manifests.is_dir() else []
 
 
 def _resolve(layout: Layout, text: str) -> CachedModel:
+    """A model as the user typed it. A full name (``host/ns/model:tag``) is looked up as stored. A
+    name without a host means the default registry's; if it is not there but exactly one other host
+    in the cache has it, that one, said on stderr: a cache filled through another upstream still
+    answers to the names its users type."""
     ref = ModelRef.parse(text)
     found = models.load(layout, ref.host or layout.host, ref.name, ref.tag)
+    if found is None and ref.host is None:
+        others = [m for host in _stored_hosts(layout) if host != layout.host
+                  if (m := models.load(layout, host, ref.name, ref.tag)) is not None]
+        if len(others) > 1:
+            raise ValueError(f"{text} is not under the default registry {layout.host}, and {len(others)} hosts "
+                             f"in the cache have it: name one in full ({', '.join(map(str, others))})")
+        if others:
+            found = others[0]
+            print(f"{text}: using {found} (the cache has it under {found.host}, not under the default registry "
+                  f"{layout.host})", file=sys.stderr)
     if found is None:
-        raise ValueError(f"{text} is not in the cache at {layout.root}")
+        raise ValueError(f"{text} is not in the cache at {layout.root}: `ollama-mirror ls` lists the names it has")
     return found
 
 
-def cmd_pull(settings: Settings, args: argparse.Namespace) -> None:
-    asyncio.run(_pull(settings, [ModelRef.parse(text) for text in args.models]))
+def cmd_pull(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
+    refs = [ModelRef.parse(text) for text in args.models]
+    cache.writable(create=True)
+    asyncio.run(_pull(settings, refs))
 
 
 async def _pull(settings: Settings, refs: list[ModelRef]) -> None:
@@ -183,8 +399,8 @@ async def _pull(settings: Settings, refs: list[ModelRef]) -> None:
                     print(f"pulled {ref}", file=sys.stderr)
 
 
-def cmd_import(settings: Settings, args: argparse.Namespace) -> None:
-    store = _store(settings)
+def cmd_import(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
+    store = BlobStore(cache.writable(create=True))
     if args.path == "-":  # a bundle on stdin: ollama-mirror export --to - | ssh host ollama-mirror import -
         bar = Progress("import from stdin", 0)
         report = seeding.import_tar(store, sys.stdin.buffer, bar.advance)
@@ -194,8 +410,20 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> None:
         report = seeding.import_path(store, source, bar.advance)
     bar.finish()
     _print_report(report)
+    _note_other_hosts(report, settings)
     if report.refused:
         sys.exit(1)
+
+
+def _note_other_hosts(report: seeding.Report, settings: Settings) -> None:
+    """Models imported under another registry host than this cache's default are served in named
+    mode only by a mirror whose upstream is that host: say so, with the flag that does it."""
+    hosts = sorted({name.partition("/")[0] for name in report.models} - {settings.default_host})
+    for host in hosts:
+        count = sum(1 for name in report.models if name.startswith(f"{host}/"))
+        print(f"note: {count} model(s) came in under {host}, not under the default registry "
+              f"{settings.default_host}: commands name them in full ({host}/...), and `serve` answers them in named "
+              f"mode with --upstream http://{host} (add --offline where it cannot be reached)", file=sys.stderr)
 
 
 def _size_of(source: Path) -> int:
@@ -204,8 +432,8 @@ def _size_of(source: Path) -> int:
     return sum(p.stat().st_size for p in (source / "blobs").glob("sha256-*") if p.is_file())
 
 
-def cmd_export(settings: Settings, args: argparse.Namespace) -> None:
-    layout = _layout(settings)
+def cmd_export(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
+    layout = cache.existing()
     chosen = models.list_models(layout) if args.all else [_resolve(layout, text) for text in args.models]
     if not chosen:
         raise ValueError("name models to export, or --all")
@@ -227,13 +455,16 @@ def _print_report(report: seeding.Report, stream: TextIO | None = None) -> None:
     print(json.dumps(report.as_dict(), indent=1), file=stream or sys.stdout)
 
 
-def cmd_ls(settings: Settings, args: argparse.Namespace) -> None:
-    layout = _layout(settings)
+def cmd_ls(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
+    """Names as the user types them to the other commands: ``qwen2.5:7b`` for the default
+    registry's library, the full name for another host's models."""
+    layout = cache.existing()
     meta = Metadata(layout.meta)
     rows = []
     for m in models.list_models(layout):
         record = meta.manifest(m.host, m.name, m.tag)
-        rows.append({"name": f"{m.host}/{m.name}:{m.tag}", "id": m.digest.hex[:12], "size": m.size,
+        rows.append({"name": typed_name(m.host, m.name, m.tag, layout.host), "full_name": str(m),
+                     "id": m.digest.hex[:12], "size": m.size,
                      "last_pulled": record.fetched_at if record else m.modified,
                      "pinned": meta.is_pinned(m.host, m.name, m.tag)})
     meta.close()
@@ -247,9 +478,9 @@ def cmd_ls(settings: Settings, args: argparse.Namespace) -> None:
               f"{'yes' if row['pinned'] else ''}")
 
 
-def cmd_rm(settings: Settings, args: argparse.Namespace) -> None:
+def cmd_rm(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
     """Through the store's one deletion path: a blob another model names or a server is filling stays."""
-    store = _store(settings)
+    store = BlobStore(cache.writable())
     meta = Metadata(store.layout.meta)
     try:
         for text in args.models:
@@ -260,9 +491,9 @@ def cmd_rm(settings: Settings, args: argparse.Namespace) -> None:
         meta.close()
 
 
-def cmd_pin(settings: Settings, args: argparse.Namespace, pinned: bool = True) -> None:
+def cmd_pin(settings: Settings, args: argparse.Namespace, cache: Cache, pinned: bool = True) -> None:
     """Pins live in the metadata database, which a running server's eviction reads on every run."""
-    layout = _layout(settings)
+    layout = cache.writable()
     meta = Metadata(layout.meta)
     try:
         for text in args.models:
@@ -273,8 +504,8 @@ def cmd_pin(settings: Settings, args: argparse.Namespace, pinned: bool = True) -
         meta.close()
 
 
-def cmd_verify(settings: Settings, args: argparse.Namespace) -> None:
-    layout = _layout(settings)
+def cmd_verify(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
+    layout = cache.writable()  # a bad blob is moved aside
     bar = Progress("verify", sum(p.stat().st_size for p in layout.blobs.glob("sha256-*")))
     bad = seeding.verify_store(layout, bar.advance)
     bar.finish("bad blobs found" if bad else "all blobs verified")
@@ -285,15 +516,17 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def cmd_freeze(settings: Settings, args: argparse.Namespace) -> None:
-    layout = _layout(settings)
+def cmd_freeze(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
+    """Lock files name models in full (``host/ns/model:tag``): ``serve --lock`` reads them whatever
+    its default registry, and ``freeze MODEL`` finds them as the other commands do."""
+    layout = cache.existing()
     chosen = [_resolve(layout, text) for text in args.models] if args.models else models.list_models(layout)
     lock = {f"{m.host}/{m.name}:{m.tag}": str(m.digest) for m in chosen}
     print(json.dumps({"lockfileVersion": 1, "models": lock}, indent=1))
 
 
-def cmd_gc(settings: Settings, args: argparse.Namespace) -> None:
-    store = _store(settings)
+def cmd_gc(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
+    store = BlobStore(cache.existing() if args.dry_run else cache.writable())
     high = settings.max_bytes()
     low = int(high * settings.low_watermark) if high is not None else None
     meta = Metadata(store.layout.meta)
@@ -313,15 +546,22 @@ def cmd_gc(settings: Settings, args: argparse.Namespace) -> None:
         meta.close()
 
 
-def cmd_ca(settings: Settings, args: argparse.Namespace) -> None:
-    ca = CertificateAuthority(_layout(settings).state / "ca")
+SERVICE_CACHE = Path("/var/cache/ollama-mirror")  # the systemd unit's
+
+
+def cmd_ca(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
     if args.action == "init":
+        ca = CertificateAuthority(cache.writable(create=True).state / "ca")
         created = ca.init()
         print(f"{'created' if created else 'already there, kept'}: {ca.cert_path} (key {ca.key_path}, mode 0600)",
               file=sys.stderr)
         return
+    ca = CertificateAuthority(cache.layout.state / "ca")
     if not ca.exists:
-        raise ValueError("there is no CA yet: run `ollama-mirror ca init` (or serve with --proxy-listen) first")
+        service = f" (the service's: --cache-dir {SERVICE_CACHE})" if cache.root != SERVICE_CACHE else ""
+        raise CacheProblem(f"there is no CA in the cache at {cache.root} ({cache.where}): name the cache of the "
+                           f"mirror that serves transparent mode with --cache-dir{service}; `ollama-mirror ca "
+                           f"init` would make a new CA, which every client must then trust")
     sys.stdout.buffer.write(ca.certificate_pem())
     sys.stdout.flush()
     print(_trust_instructions(settings), file=sys.stderr)
@@ -350,11 +590,10 @@ and --resolve registry.ollama.ai=<its real address> so it does not loop to itsel
 Then `ollama pull qwen2.5:7b` is served by the mirror under its usual name."""
 
 
-COMMANDS = {
+COMMANDS: dict[str, Callable[[Settings, argparse.Namespace, Cache], None]] = {
     "pull": cmd_pull, "import": cmd_import, "export": cmd_export, "ls": cmd_ls, "rm": cmd_rm,
-    "pin": cmd_pin, "unpin": lambda s, a: cmd_pin(s, a, pinned=False), "verify": cmd_verify, "freeze": cmd_freeze,
-    "ca": cmd_ca,
-    "gc": cmd_gc,
+    "pin": cmd_pin, "unpin": lambda s, a, c: cmd_pin(s, a, c, pinned=False), "verify": cmd_verify,
+    "freeze": cmd_freeze, "ca": cmd_ca, "gc": cmd_gc,
 }
 
 
@@ -372,17 +611,23 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(0 if signum == signal.SIGTERM else 128 + signum)
 
 
-def serve(settings: Settings) -> None:
-    """Bind first, so the log names the real port (``--listen 127.0.0.1:0`` in tests)."""
+def serve(settings: Settings, cache: Cache) -> None:
+    """Check what a person can get wrong first, each in one line, then bind (so the log names the
+    real port: ``--listen 127.0.0.1:0`` in tests), then serve."""
+    try:
+        layout = cache.writable(create=True)
+    except CacheProblem as exc:
+        sys.exit(f"ollama-mirror: {exc}")
+    _check_min_free(settings, cache.sources, layout)
     if settings.keys_file is not None:
         try:
             load_keys(settings.keys_file)
         except (OSError, ValueError) as exc:
-            sys.exit(f"ollama-mirror: keys_file: {exc}")
+            sys.exit(f"ollama-mirror: {named('keys_file', cache.sources)}: {exc}")
     try:
         server = build_server(settings)
     except ListenError as exc:
-        sys.exit(f"ollama-mirror: {exc}")
+        sys.exit(f"ollama-mirror: {_listen_problem(exc, cache.sources)}")
     _fewer_malloc_arenas()
     log.info("listening url=%s", server.url)
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again with the handlers
@@ -390,3 +635,34 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
     server.run()  # uvloop when installed (uvicorn[standard]): a faster event loop
+
+
+def _check_min_free(settings: Settings, sources: Mapping[str, str], layout: Layout) -> None:
+    """A --min-free the disk can never satisfy would refuse every fill: refuse it now instead."""
+    disk = shutil.disk_usage(layout.root)
+    if settings.min_free_bytes >= disk.total:
+        sys.exit(f"ollama-mirror: {named('min_free', sources)} {settings.min_free} is more than the whole disk of "
+                 f"the cache ({human(disk.total)} at {layout.root}), so every fill would be refused: give a smaller "
+                 f"one, such as 1G")
+    if settings.min_free_bytes >= disk.free:
+        log.warning("disk low free=%s min_free=%s cache=%s: fills are refused (507) until space is freed "
+                    "(ollama-mirror gc --max-size SIZE) or --min-free is lowered", human(disk.free),
+                    settings.min_free, layout.root)
+
+
+def _listen_problem(exc: ListenError, sources: Mapping[str, str]) -> str:
+    """Port in use, or a privileged port: the cause and the fix, naming the setting as it was given."""
+    key = exc.flag.replace("-", "_")
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    port = exc.address.rpartition(":")[2]
+    if cause.errno == errno.EADDRINUSE:
+        fix = (f"another process listens there (is a mirror already running? `ss -ltnp 'sport = :{port}'` "
+               f"names it): stop it, or choose another address with {flag_name(key)}")
+    elif cause.errno == errno.EACCES:
+        fix = ("ports below 1024 need root or CAP_NET_BIND_SERVICE (the systemd unit grants it): choose a port "
+               f"above 1023 with {flag_name(key)}, or run it as the service")
+    elif cause.errno == errno.EADDRNOTAVAIL:
+        fix = f"no interface of this machine has that address: choose one it has with {flag_name(key)}"
+    else:
+        fix = f"choose another address with {flag_name(key)}"
+    return f"cannot listen on {exc.address} ({named(key, sources)}): {cause.strerror or cause}; {fix}"

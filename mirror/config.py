@@ -7,12 +7,13 @@ that names the key and where it came from.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import shutil
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,7 +29,26 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE
 
 
 class SettingsError(ValueError):
-    """A setting has a value we cannot use; the message names the key."""
+    """A setting has a value we cannot use. ``key`` is the setting; the message names it as the
+    user gave it (``--max-size``, ``OLLAMA_MIRROR_MAX_SIZE``, ``max-size in FILE``) once
+    ``load_settings`` knows where it came from."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+# Flags whose name is not the setting's with dashes (repeatable flags, one setting).
+FLAG_NAMES = {"registries": "--registry", "tokens": "--token"}
+_SIZE_HINT = "give a number with K, M, G or T, such as 500G"
+
+
+def flag_name(key: str) -> str:
+    return FLAG_NAMES.get(key, f"--{key.replace('_', '-')}")
+
+
+def env_name(key: str) -> str:
+    return f"{ENV_PREFIX}{key.upper()}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,38 +91,42 @@ class Settings:
     def __post_init__(self) -> None:
         scheme = urlsplit(self.upstream).scheme
         if scheme not in ("http", "https") or not urlsplit(self.upstream).hostname:
-            raise SettingsError(f"upstream: {self.upstream!r} is not an http(s) URL")
+            raise SettingsError("upstream", f"{self.upstream!r} is not an http(s) URL: give one such as "
+                                            f"{DEFAULT_UPSTREAM}")
         _host_port("listen", self.listen)
         for cidr in filter(None, (c.strip() for c in self.allow_networks.split(","))):
             try:
                 ipaddress.ip_network(cidr)
             except ValueError:
-                raise SettingsError(f"allow_networks: {cidr!r} is not a network (CIDR)") from None
+                raise SettingsError("allow_networks", f"{cidr!r} is not a network: give CIDRs such as "
+                                                      "10.0.0.0/8, comma-separated") from None
         for key in ("proxy_listen", "tls_listen", "admin_listen"):
             if getattr(self, key):
                 _host_port(key, getattr(self, key))
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise SettingsError("tls_cert: give both tls_cert and tls_key, or neither")
+            raise SettingsError("tls_cert" if self.tls_key is None else "tls_key",
+                                "give both the certificate and its key (tls_cert and tls_key), or neither")
         self.registry_urls  # noqa: B018 - validates the pairs
         self.pinned_addresses  # noqa: B018
         self.client_networks  # noqa: B018
         self.manage_networks  # noqa: B018
         if self.max_size and not self.max_size.strip().endswith("%"):
-            parse_size("max_size", self.max_size)
-        elif self.max_size and not 0 < float(self.max_size.strip()[:-1] or 0) <= 100:
-            raise SettingsError(f"max_size: {self.max_size!r} is not a percentage between 0 and 100")
+            parse_size("max_size", self.max_size, or_share=True)
+        elif self.max_size and not 0 < _number(self.max_size.strip()[:-1]) <= 100:
+            raise SettingsError("max_size", f"{self.max_size!r} is not a share of the disk: give a percentage "
+                                            "between 0 and 100, such as 80%")
         parse_size("min_free", self.min_free)
         if self.upstream_rate:
             parse_size("upstream_rate", self.upstream_rate)
         if not 0 < self.low_watermark < 1:
-            raise SettingsError(f"low_watermark: must be between 0 and 1, not {self.low_watermark}")
+            raise SettingsError("low_watermark", f"{self.low_watermark} is not between 0 and 1: give 0.9, say")
         if self.log_format not in ("text", "json"):
-            raise SettingsError(f"log_format: {self.log_format!r} is neither 'text' nor 'json'")
+            raise SettingsError("log_format", f"{self.log_format!r} is neither 'text' nor 'json'")
         for key in ("chunk_size", "max_retries", "upstream_connections"):
             if getattr(self, key) < 1:
-                raise SettingsError(f"{key}: must be at least 1, not {getattr(self, key)}")
+                raise SettingsError(key, f"must be at least 1, not {getattr(self, key)}")
         if self.connections < 0:
-            raise SettingsError(f"connections: must be 0 (adapt) or more, not {self.connections}")
+            raise SettingsError("connections", f"must be 0 (adapt to upstream) or more, not {self.connections}")
 
     @property
     def allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -110,7 +134,14 @@ class Settings:
 
     @property
     def default_host(self) -> str:
-        """The registry host that named-mode requests (``mirror.lan/library/x``) are filled from."""
+        """The registry host that named-mode requests (``mirror.lan/library/x``) and host-less model
+        names (``qwen2.5:7b``) mean, and whose tags live under ``manifests/<host>/``: the one that
+        ``--registry`` maps to the upstream URL (a mirror of a mirror keeps the registry's names),
+        else the upstream URL's own host."""
+        upstream = self.upstream.rstrip("/")
+        for host, url in self._registry_pairs():
+            if url == upstream:
+                return host
         return registry_host(self.upstream)
 
     @property
@@ -118,12 +149,24 @@ class Settings:
         """Mirrored registry host -> the URL it is filled from. ``--registry`` overrides ``--upstream``'s
         own host, so ``--registry registry.ollama.ai=URL`` also moves named mode to that URL."""
         urls = {self.default_host: self.upstream.rstrip("/")}
+        urls.update(self._registry_pairs())
+        return urls
+
+    def _registry_pairs(self) -> list[tuple[str, str]]:
+        pairs = []
         for host, url in _pairs("registries", self.registries):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise SettingsError(f"registries: {url!r} (for {host}) is not an http(s) URL")
-            urls[host.lower()] = url.rstrip("/")
-        return urls
+                raise SettingsError("registries", f"{url!r} (for {host}) is not an http(s) URL: give HOST=URL, "
+                                                  "such as hf.co=https://hf.co")
+            pairs.append((host.lower(), url.rstrip("/")))
+        return pairs
+
+    def mirroring(self, host: str) -> Settings:
+        """These settings for an upstream that is itself a mirror of ``host``'s registry: its tags are
+        stored and named under ``host``, as ``--registry HOST=<upstream>`` says explicitly."""
+        pair = f"{host}={self.upstream.rstrip('/')}"
+        return replace(self, registries=f"{pair},{self.registries}" if self.registries else pair)
 
     @property
     def pinned_addresses(self) -> dict[str, str]:
@@ -132,7 +175,7 @@ class Settings:
             try:
                 pins[host.lower()] = str(ipaddress.ip_address(ip))
             except ValueError:
-                raise SettingsError(f"resolve: {ip!r} (for {host}) is not an IP address") from None
+                raise SettingsError("resolve", f"{ip!r} (for {host}) is not an IP address: give HOST=IP") from None
         return pins
 
     @property
@@ -178,12 +221,22 @@ class Settings:
         return _host_port("listen", self.listen)[1]
 
 
-def parse_size(key: str, text: str) -> int:
+def parse_size(key: str, text: str, *, or_share: bool = False) -> int:
     """``"500G"``, ``"1.5T"``, ``"64M"``, ``"1000"``: bytes, in powers of 1024."""
     match = _SIZE.match(str(text))
     if match is None:
-        raise SettingsError(f"{key}: {text!r} is not a size (a number with K, M, G or T)")
+        negative = str(text).strip().startswith("-")
+        what = "a size below zero" if negative else "not a size"
+        share = ", or a share of the disk such as 80%" if or_share else ""
+        raise SettingsError(key, f"{text!r} is {what}: {_SIZE_HINT}{share}")
     return int(float(match[1]) * _UNITS[match[2].upper()])
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return -1.0
 
 
 def _networks(key: str, text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -191,7 +244,7 @@ def _networks(key: str, text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv
     try:
         return [ipaddress.ip_network(c.strip(), strict=False) for c in text.split(",") if c.strip()]
     except ValueError as exc:
-        raise SettingsError(f"{key}: {exc}") from None
+        raise SettingsError(key, f"{exc}: give addresses or CIDRs such as 10.0.0.0/8, comma-separated") from None
 
 
 def _existing_parent(path: Path) -> Path:
@@ -203,7 +256,7 @@ def _existing_parent(path: Path) -> Path:
 def _host_port(key: str, text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SettingsError(f"{key}: {text!r} is not HOST:PORT")
+        raise SettingsError(key, f"{text!r} is not HOST:PORT: give one such as {DEFAULT_LISTEN}")
     return host.strip("[]"), int(port)
 
 
@@ -213,7 +266,7 @@ def _pairs(key: str, text: str) -> list[tuple[str, str]]:
     for item in filter(None, (i.strip() for i in text.split(","))):
         left, sep, right = item.partition("=")
         if not sep or not left.strip() or not right.strip():
-            raise SettingsError(f"{key}: {item!r} is not HOST=VALUE")
+            raise SettingsError(key, f"{item!r} is not HOST=VALUE")
         pairs.append((left.strip(), right.strip()))
     return pairs
 
@@ -228,7 +281,7 @@ def _convert(key: str, kind: type, value: object) -> object:
             return int(value)
         if kind is str and number or kind is Path and isinstance(value, Path):
             return kind(value)
-        raise SettingsError(f"{key}: {value!r} is not a valid {kind.__name__}")
+        raise SettingsError(key, f"{value!r} is not {_KIND_NAMES[kind]}")
     text = value
     try:
         if kind is bool:
@@ -240,7 +293,10 @@ def _convert(key: str, kind: type, value: object) -> object:
             return Path(text).expanduser()
         return kind(text)
     except ValueError:
-        raise SettingsError(f"{key}: {text!r} is not a valid {kind.__name__}") from None
+        raise SettingsError(key, f"{text!r} is not {_KIND_NAMES[kind]}") from None
+
+
+_KIND_NAMES = {bool: "yes or no", int: "a whole number", float: "a number", str: "text", Path: "a path"}
 
 
 SettingSources = dict[str, str]  # setting -> where its value came from
@@ -251,26 +307,38 @@ def _kinds() -> dict[str, type]:
             for f in fields(Settings)}
 
 
-def _from_toml(path: Path, kinds: Mapping[str, type]) -> dict[str, object]:
-    """A TOML file's settings, keys as in the table of the README (dashes or underscores)."""
+def _from_toml(path: Path, kinds: Mapping[str, type]) -> dict[str, tuple[object, str]]:
+    """A TOML file's settings, keys as in the table of the README (dashes or underscores):
+    {setting: (value, how the file names it)}."""
     try:
         doc = tomllib.loads(path.read_text())
+    except PermissionError:
+        raise SettingsError("config", f"cannot read {path} (permission denied): run the command as root or as "
+                                      "the mirror's user (sudo -u ollama-mirror), or name another file with "
+                                      "--config") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"config: cannot read {path}: {exc}") from None
+        raise SettingsError("config", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"config: {path} is not valid TOML: {exc}") from None
-    values: dict[str, object] = {}
+        raise SettingsError("config", f"{path} is not valid TOML: {exc}") from None
+    values: dict[str, tuple[object, str]] = {}
     for raw_key, value in doc.items():
         key = raw_key.replace("-", "_")
         where = f"{raw_key} (in {path})"
         if key not in kinds:
-            raise SettingsError(f"{where}: unknown setting")
+            raise SettingsError(where, f"unknown setting{_did_you_mean(key, kinds)}")
         if isinstance(value, dict) and key in ("registries", "resolve"):
             value = ",".join(f"{k}={v}" for k, v in value.items())  # [registries] "hf.co" = "https://hf.co"
         elif isinstance(value, list):
             value = ",".join(str(v) for v in value)
-        values[key] = _convert(where, kinds[key], value)
+        values[key] = (_convert(where, kinds[key], value), where)
     return values
+
+
+def _did_you_mean(key: str, kinds: Mapping[str, type], env: bool = False) -> str:
+    close = difflib.get_close_matches(key, list(kinds), n=1)
+    if not close:
+        return ""
+    return f": did you mean {env_name(close[0]) if env else close[0]}?"
 
 
 def load_settings(
@@ -280,27 +348,32 @@ def load_settings(
 
     ``config``: the file named by ``--config``; else ``OLLAMA_MIRROR_CONFIG``; else
     /etc/ollama-mirror/config.toml when it exists. Returns the settings and each one's source.
+    An error names the setting as it was given: the flag, the variable, or the key and the file.
     """
     kinds = _kinds()
     values: dict[str, object] = {}
     sources: SettingSources = {}
+    named: dict[str, str] = {}  # setting -> how the user named it
     path = config or (Path(environ["OLLAMA_MIRROR_CONFIG"]) if environ.get("OLLAMA_MIRROR_CONFIG") else None)
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     if path is not None:
-        for key, value in _from_toml(path, kinds).items():
-            values[key], sources[key] = value, str(path)
+        for key, (value, where) in _from_toml(path, kinds).items():
+            values[key], sources[key], named[key] = value, str(path), where
     for name, text in environ.items():
         if name.startswith(ENV_PREFIX) and name != "OLLAMA_MIRROR_CONFIG":
             key = name[len(ENV_PREFIX):].lower()
             if key not in kinds:
-                raise SettingsError(f"{name}: unknown setting (environment)")
-            values[key], sources[key] = _convert(name, kinds[key], text), "environment"
+                raise SettingsError(name, f"unknown setting (environment){_did_you_mean(key, kinds, env=True)}")
+            values[key], sources[key], named[key] = _convert(name, kinds[key], text), "environment", name
     for key, value in flags.items():
         if value is not None:
-            values[key] = _convert(f"--{key.replace('_', '-')}", kinds[key], value)
-            sources[key] = "command line"
-    return Settings(**values), sources  # type: ignore[arg-type]
+            values[key] = _convert(flag_name(key), kinds[key], value)
+            sources[key], named[key] = "command line", flag_name(key)
+    try:
+        return Settings(**values), sources  # type: ignore[arg-type]
+    except SettingsError as exc:
+        raise SettingsError(named.get(exc.key, exc.key), exc.problem) from None
 
 
 def render(settings: Settings, sources: SettingSources) -> str:

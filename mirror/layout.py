@@ -20,6 +20,7 @@ file whose content was checked first.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,9 @@ class Layout:
 
     def manifest(self, name: Name, tag: str, host: str | None = None) -> Path:
         """The tag's manifest file, under the upstream's host unless another is named."""
-        # Ollama lowercases every part of a manifest path; so do we, so lookups agree.
-        path = self.manifests / (host or self.host) / name.namespace.lower() / name.model.lower() / tag.lower()
+        # Ollama lowercases every part of a manifest path, the host too; so do we, so lookups agree.
+        host = (host or self.host).lower()
+        path = self.manifests / host / name.namespace.lower() / name.model.lower() / tag.lower()
         return self._contained(path, self.manifests)
 
     def manifest_by_digest(self, digest: Digest) -> Path:
@@ -100,3 +102,18 @@ def registry_host(upstream_url: str) -> str:
     if parts.port and parts.port != default_port:
         return f"{host}:{parts.port}"
     return host
+
+
+def cache_problem(root: Path, exc: OSError) -> str:
+    """An OSError met writing the cache, as one sentence: the cause, and what to do about it."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(root) else ""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"cannot write to the cache at {root}{where}: permission denied; run as the user that owns it, "
+                f"or give --cache-dir a directory this user may write")
+    if exc.errno == errno.EROFS:
+        return (f"cannot write to the cache at {root}: it is on a read-only file system; give --cache-dir a "
+                f"directory on a writable disk")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk of the cache at {root} is full{where}: free space on it (`ollama-mirror gc "
+                f"--max-size SIZE` evicts models), or give --cache-dir a directory on another disk")
+    return f"cannot use the cache at {root}{where}: {exc.strerror or exc}"

@@ -100,6 +100,7 @@ class ModelRef:
             host, rest = rest.split("/", 1)
             if not _HOST.fullmatch(host):
                 raise NameInvalid(f"invalid registry host {host[:100]!r} in model name")
+            host = host.lower()  # as Ollama writes it in manifest paths
         path, sep, tag = rest.rpartition(":")
         if not sep:
             path, tag = rest, DEFAULT_TAG
@@ -110,4 +111,20 @@ class ModelRef:
         return f"{prefix}{self.name}:{self.tag}"
 
 
+def typed_name(host: str, name: Name, tag: str, default_host: str) -> str:
+    """The shortest name a user types for a stored model, against a default registry host:
+    ``qwen2.5:7b`` for its library, ``team/model:v1`` for another namespace, the full name for any
+    other host. ``ModelRef.parse`` of it, with that default, names the same model again."""
+    if host != default_host:
+        return f"{host}/{name}:{tag}"
+    if name.namespace == DEFAULT_NAMESPACE:
+        return f"{name.model}:{tag}"
+    return f"{name}:{tag}"
+
+
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?")
+
+
+def is_registry_host(text: str) -> bool:
+    """``registry.ollama.ai``, ``host:5000``: a host as it may stand first in a model name."""
+    return bool(_HOST.fullmatch(text))

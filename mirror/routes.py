@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 _CDN_BLOB = re.compile(r"sha256[:/-](?:[0-9a-f]{2}/)?([0-9a-f]{64})\b")
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+# On /v2/: the registry host this mirror's named mode mirrors. A mirror whose upstream is this one
+# stores its tags under that host too, so a tier of mirrors keeps the registry's names.
+REGISTRY_HEADER = "Ollama-Mirror-Registry"
 
 
 def _read_only(request: Request) -> None:
@@ -41,7 +44,7 @@ def _registry(request: Request) -> Registry:
 
 async def v2_root(request: Request) -> Response:
     _read_only(request)
-    return JSONResponse({}, headers=API_VERSION)
+    return JSONResponse({}, headers={**API_VERSION, REGISTRY_HEADER: _registry(request).host})
 
 
 async def manifest(request: Request) -> Response:

@@ -8,6 +8,7 @@ import asyncio
 import importlib
 import importlib.metadata
 import inspect
+import os
 import re
 import shutil
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +32,115 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 LOCAL = {"mirror", "tests", "bench"}  # this repository's own packages
 
 
-def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
+def test_systemd_unit_is_hardened() -> None:
     unit = (ROOT / "systemd" / "ollama-mirror.service").read_text()
-    for directive in ("DynamicUser=yes", "CacheDirectory=ollama-mirror", "AmbientCapabilities=CAP_NET_BIND_SERVICE",
-                      "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes", "Restart=on-failure",
-                      "Environment=OLLAMA_MIRROR_LISTEN=0.0.0.0:80", "KillSignal=SIGTERM"):
+    for directive in ("User=ollama-mirror", "CacheDirectory=ollama-mirror", "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+                      "ProtectSystem=strict", "ProtectHome=yes", "NoNewPrivileges=yes", "PrivateTmp=yes",
+                      "Restart=on-failure", "Environment=OLLAMA_MIRROR_LISTEN=0.0.0.0:80", "KillSignal=SIGTERM"):
         assert directive in unit, directive
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
-    # Verify the unit as installed: ExecStart pointing at this environment's console script.
-    script = Path(sys.executable).parent / "ollama-mirror"
-    copy = tmp_path / "ollama-mirror.service"
-    copy.write_text(re.sub(r"ExecStart=\S+", f"ExecStart={script}", unit))
-    result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+
+
+def _wheel(dest: Path) -> Path:
+    """This tree as a wheel, zipped by hand: the test runs offline, where pip cannot fetch the build
+    backend pyproject.toml names. Its console script is pyproject.toml's."""
+    info = "ollama_mirror-0.1.0.dist-info"
+    files = {str(p.relative_to(ROOT)): p.read_bytes() for p in sorted((ROOT / "mirror").rglob("*"))
+             if p.is_file() and "__pycache__" not in p.parts}
+    scripts = "".join(f"{name} = {target}\n" for name, target in PROJECT["scripts"].items())
+    files[f"{info}/METADATA"] = b"Metadata-Version: 2.1\nName: ollama-mirror\nVersion: 0.1.0\n"
+    files[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{info}/entry_points.txt"] = f"[console_scripts]\n{scripts}".encode()
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"]).encode()
+    wheel = dest / "ollama_mirror-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return wheel
+
+
+def _exec_start(unit: str) -> Path:
+    match = re.search(r"^ExecStart=(\S+)", unit, re.M)
+    assert match, "the unit has no ExecStart"
+    return Path(match[1])
+
+
+def test_documented_install_puts_the_command_where_the_unit_runs_it(tmp_path: Path) -> None:
+    """README's install (scripts/install) into a root of its own; then `systemd-analyze verify` of the
+    unit as installed there, which fails when ExecStart names a file the install did not make (as
+    `pipx install .` did: ~/.local/bin, behind ProtectHome=yes, 203/EXEC)."""
+    readme = (ROOT / "README.md").read_text()
+    assert "sudo scripts/install" in readme, "README's install must be the one this test runs"
+    if shutil.which("systemd-sysusers") is None or shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd's tools are not installed (scripts/test installs Debian's systemd)")
+    root = tmp_path / "root"
+    env = {**os.environ, "ROOT": str(root), "PYTHON": sys.executable,
+           "PIP_ARGS": f"--no-index --no-deps {_wheel(tmp_path)}"}
+    done = subprocess.run([str(ROOT / "scripts" / "install")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    unit = (root / "etc/systemd/system/ollama-mirror.service").read_text()
+    assert unit == (ROOT / "systemd" / "ollama-mirror.service").read_text()
+    command = root / _exec_start(unit).relative_to("/")
+    assert command.is_file() and os.access(command, os.X_OK), f"{_exec_start(unit)} is not where the install put it"
+    assert not str(_exec_start(unit)).startswith(("/home", "/root")), "ProtectHome=yes hides it from the service"
+    assert os.readlink(root / "usr/local/bin/ollama-mirror") == str(_exec_start(unit))  # the admins' command
+    site = next((root / "opt/ollama-mirror/lib").glob("python3*/site-packages"))
+    (site / "test-deps.pth").write_text(next(p for p in map(Path, sys.path) if (p / "starlette").is_dir()).as_posix())
+    version = subprocess.run([str(command), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.stdout.strip() == "ollama-mirror 0.1.0", version.stderr
+
+    user = {line.split(":")[0]: line.split(":") for line in (root / "etc/passwd").read_text().splitlines()}
+    assert "ollama-mirror" in user, "the unit's User= was not created"
+    uid, gid = int(user["ollama-mirror"][2]), int(user["ollama-mirror"][3])
+    config = (root / "etc/ollama-mirror/config.toml").stat()
+    assert (config.st_uid, config.st_gid, config.st_mode & 0o777) == (0, gid, 0o640)  # tokens: not world-readable
+    cache = (root / "var/cache/ollama-mirror").stat()
+    assert (cache.st_uid, cache.st_gid) == (uid, gid)
+
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)  # targets it names
+    verify = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "/etc/systemd/system/ollama-mirror.service"],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stderr
+
+
+def _docker_context(paths: list[str], rules: list[str]) -> set[str]:
+    """The files `docker build` sends, by .dockerignore's rules: the last matching rule wins, a
+    rule matches a path or any folder above it, ``*`` stays within a folder, ``**`` crosses them."""
+    def regex(pattern: str) -> re.Pattern[str]:
+        parts = re.split(r"(\*\*/|\*\*|\*|\?)", pattern.strip("/"))
+        table = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+        return re.compile("".join(table.get(part, re.escape(part)) for part in parts))
+
+    compiled = [(rule.startswith("!"), regex(rule.lstrip("!"))) for rule in rules]
+    sent = set()
+    for path in paths:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        excluded = False
+        for negated, pattern in compiled:
+            if any(pattern.fullmatch(prefix) for prefix in prefixes):
+                excluded = not negated
+        if not excluded:
+            sent.add(path)
+    return sent
+
+
+def test_docker_build_context_leaves_out_environments_and_caches() -> None:
+    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    made = [".venv/bin/python", ".venv/lib/python3.11/site-packages/httpx/__init__.py",
+            ".venv-ollama/lib/python3.11/site-packages/bigdl/cpp/libs/ollama/ollama-lib", ".git/HEAD",
+            ".git/objects/pack/pack-1.pack", "mirror/__pycache__/cli.cpython-311.pyc", "tests/__pycache__/x.pyc",
+            ".pytest_cache/v/cache/nodeids", ".hypothesis/examples/x", "bench-results.json", "build/lib/mirror/x.py",
+            "ollama_mirror.egg-info/PKG-INFO"]
+    sent = _docker_context(tracked + made, rules)
+    leaked = sorted(path for path in sent if path in made or path.startswith(("tests/", "bench/", "scripts/")))
+    assert not leaked, f"the build context carries {leaked}"
+    copied = re.findall(r"^COPY (.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    needed = [path for sources in copied for source in sources.split() for path in tracked
+              if path == source or path.startswith(f"{source}/")]
+    assert needed and set(needed) <= sent, f"the image needs {sorted(set(needed) - sent)}, left out of the context"
 
 
 def test_dockerfile_runs_unprivileged_with_a_cache_volume_and_healthcheck() -> None:

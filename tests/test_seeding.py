@@ -58,7 +58,8 @@ def test_ls_pin_rm_freeze(registry: FakeRegistry, model: tuple[bytes, Blob, Blob
     assert cli("pull", "tiny:1b", "other", cache=cache, upstream=registry.url).returncode == 0
     listed = {row["name"]: row for row in json.loads(cli("ls", "--json", cache=cache, upstream=registry.url).stdout)}
     name = f"{_host(registry)}/library/tiny:1b"
-    assert listed[name]["id"] == hashlib.sha256(manifest).hexdigest()[:12] and not listed[name]["pinned"]
+    assert listed["tiny:1b"]["full_name"] == name  # named as typed, against the settings' default registry
+    assert listed["tiny:1b"]["id"] == hashlib.sha256(manifest).hexdigest()[:12] and not listed["tiny:1b"]["pinned"]
     assert cli("pin", "tiny:1b", cache=cache, upstream=registry.url).returncode == 0
     assert json.loads(cli("ls", "--json", cache=cache, upstream=registry.url).stdout)[1]["pinned"]
     lock = json.loads(cli("freeze", cache=cache, upstream=registry.url).stdout)
@@ -66,7 +67,7 @@ def test_ls_pin_rm_freeze(registry: FakeRegistry, model: tuple[bytes, Blob, Blob
     assert cli("rm", "tiny:1b", cache=cache, upstream=registry.url).returncode == 0
     assert blob_path(cache, weights).exists()  # other still uses it
     assert not blob_path(cache, template).exists()
-    assert name not in {r["name"] for r in json.loads(cli("ls", "--json", cache=cache, upstream=registry.url).stdout)}
+    assert name not in {r["full_name"] for r in json.loads(cli("ls", "--json", cache=cache, upstream=registry.url).stdout)}
     result = cli("rm", "tiny:1b", cache=cache, upstream=registry.url)
     assert result.returncode != 0 and "not in the cache" in result.stderr
 

@@ -228,3 +228,17 @@ def test_pieces_written_at_an_offset_land_back_to_back(pieces: list[bytes], cap:
     with tempfile.TemporaryFile() as f:
         write_at(f.fileno(), _first_bytes(pieces, cap), offset)
         assert os.pread(f.fileno(), 10_000, 0) == (b"\0" * offset + expected if expected else b"")
+
+
+def test_settings_default_host_is_the_registry_the_upstream_is_named_for() -> None:
+    """`--registry HOST=<the upstream URL>` (or a mirror upstream announcing HOST) names the tags
+    named mode stores; without it, the upstream URL's own host does."""
+    from mirror.config import Settings
+
+    plain = Settings(upstream="http://regional.lan:11435")
+    assert plain.default_host == "regional.lan:11435"
+    tier = plain.mirroring("registry.ollama.ai")
+    assert tier.default_host == "registry.ollama.ai"
+    assert tier.registry_urls == {"registry.ollama.ai": "http://regional.lan:11435"}
+    explicit = Settings(upstream="http://regional.lan:11435/", registries="registry.ollama.ai=http://regional.lan:11435")
+    assert explicit.registry_urls == tier.registry_urls
