@@ -206,13 +206,14 @@ FAST_TIMERS = TensorOptions(slow_after=0.2, tick=0.05, stall_timeout=5.0)
 
 
 def _slow_model(registry: FakeRegistry, cdn: PacedCDN, tag: str, seed: int, times: int) -> tuple[list[Blob], Blob]:
-    """Eight 1 MB blobs, then one far slower than their median (64 KB/s): with 4 body slots it starts
-    after five of them finished, so the median exists (speedTracker wants five samples)."""
+    """Eight 1 MB blobs, then one far slower than their median (16 KB/s, below a tenth of the median
+    even on a busy machine): with 4 body slots it starts after five of them finished, so the median
+    exists (speedTracker wants five samples)."""
     fast = _blobs(registry, [1 << 20] * 8, seed=seed)
-    (slow,) = _blobs(registry, [24 << 10], seed=seed + 100)
+    (slow,) = _blobs(registry, [12 << 10], seed=seed + 100)
     _tensor_model(registry, "library/img", tag, [*fast, slow])
-    cdn.piece = 4 << 10
-    cdn.pace(slow.digest, 64 << 10, times=times)
+    cdn.piece = 2 << 10
+    cdn.pace(slow.digest, 16 << 10, times=times)
     return fast, slow
 
 
