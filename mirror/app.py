@@ -23,6 +23,7 @@ from .access import AccessControl, ManagePolicy, load_keys
 from .blobs import BlobService
 from .config import Settings
 from .errors import MirrorError, NameInvalid
+from .health import Health, upstream_cause
 from .eviction import Evictor
 from .fill import FillEngine
 from .layout import Layout
@@ -32,7 +33,7 @@ from .logs import AccessLog
 from .manifests import ManifestService
 from .metadata import Metadata
 from .pulls import PullService
-from .responses import error_response, registry_error
+from .responses import error_response, is_ollama, registry_error
 from .metrics import Metrics
 from .routes import fallback
 from .routes import routes as registry_routes
@@ -44,7 +45,20 @@ log = logging.getLogger("mirror")
 
 async def _mirror_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, MirrorError)
-    return registry_error(exc)
+    mirror = getattr(request.app.state, "mirror", None)
+    failure = upstream_cause(exc)
+    if failure is not None and mirror is not None:
+        mirror.registry_for_request(request.headers.get("host", "")).upstream.health.met(failure)
+    return registry_error(exc, ollama=is_ollama(request.headers), named=_named_mode(mirror, request))
+
+
+def _named_mode(mirror: Mirror | None, request: Request) -> bool:
+    """Whether the client named the mirror itself (``mirror.lan/library/x``), not a mirrored
+    registry (the proxy and DNS modes, where the client believes it talks to that registry)."""
+    if mirror is None:
+        return True
+    host = request.headers.get("host", "").lower()
+    return host not in mirror.registries and re.sub(r":\d+$", "", host) not in mirror.registries
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -144,11 +158,14 @@ async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
                   for host, url in settings.registry_urls.items()}
     mirror = Mirror(settings, layout, store, meta, engine, registries)
     eviction_task = _start_eviction(mirror)
+    probes = [] if settings.offline else [
+        asyncio.get_running_loop().create_task(r.upstream.health.watch(r.upstream.probe), name=f"probe {host}")
+        for host, r in registries.items()]  # in the background: start-up never waits for an upstream
     try:
         yield mirror
     finally:
-        if eviction_task is not None:
-            eviction_task.cancel()
+        for task in [*probes, *([eviction_task] if eviction_task else [])]:
+            task.cancel()
         await engine.close()
         for registry in registries.values():
             await registry.upstream.aclose()
@@ -171,7 +188,8 @@ def _registry(host: str, url: str, store: BlobStore, meta: Metadata, engine: Fil
               settings: Settings, throttle: Throttle | None) -> Registry:
     upstream = Upstream(url, connect_timeout=settings.connect_timeout, stall_timeout=settings.stall_timeout,
                         max_connections=settings.upstream_connections, allow_networks=settings.allowed_networks,
-                        pinned=settings.pinned_addresses, throttle=throttle)
+                        pinned=settings.pinned_addresses, throttle=throttle,
+                        health=Health(host, url, offline=settings.offline))
     manifests = ManifestService(store, meta, upstream, settings, host)
     blobs = BlobService(store, meta, upstream, engine, settings)
     return Registry(host, upstream, manifests, blobs, PullService(manifests, blobs))
