@@ -181,6 +181,21 @@ def test_through_the_proxy_or_dns_modes_a_missing_model_stays_404_for_ollama(
     assert got.status_code == 404
 
 
+def test_a_model_the_disk_cannot_take_is_refused_at_its_manifest_for_ollama(
+    registry: FakeRegistry, start_mirror: MirrorFactory
+) -> None:
+    """Ollama prints why a manifest failed, but for a blob only "context deadline exceeded" 30 s later."""
+    layer = write_blob(registry.directory, 100_000, seed=191)
+    registry.add_model("library/m", "1", [layer])
+    mirror = start_mirror(min_free="100T")  # no disk has that much free: every fill is refused
+    url = f"{mirror.url()}/v2/library/m/manifests/1"
+    got = httpx.get(url, headers=OLLAMA)
+    assert got.status_code == 507
+    assert got.text.startswith(f"not enough disk space for blob {layer.digest[:19]} ({layer.size} bytes): ")
+    assert got.text.endswith("must stay free (--min-free); free space, or set --max-size to evict old models")
+    assert httpx.get(url, headers=DOCKER).status_code == 200  # registry clients get the manifest as before
+
+
 # -- the cause, as the upstream client names it (no mirror: Upstream alone) ----------------------
 
 

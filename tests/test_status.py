@@ -106,16 +106,16 @@ def test_status_json_setup_has_each_running_mode_with_a_cached_model(
         assert client.get("/ca.crt").status_code == 200  # the line that fetches it works
     assert empty["named"] == ["# nothing is cached yet: put a model the upstream has in place of MODEL:TAG",
                               f"ollama pull --insecure {at}/library/MODEL:TAG",
-                              f"ollama cp {at}/library/MODEL:TAG MODEL:TAG   # optional: the usual name "
-                              "(copies only the manifest)"]
+                              (f"ollama cp {at}/library/MODEL:TAG MODEL:TAG   # optional: the usual name "
+                               "(copies only the manifest)")]
     trust = f"curl -o ollama-mirror-ca.crt http://{at}/ca.crt   # then trust it as a system certificate"
     assert setup == {
         "named": [f"ollama pull --insecure {at}/library/tiny:1b",
                   f"ollama cp {at}/library/tiny:1b tiny:1b   # optional: the usual name (copies only the manifest)"],
-        "ollama_host": [f"OLLAMA_HOST={at} ollama pull tiny:1b   # fill the mirror (from the mirror's host or "
-                        "--manage-clients)", f"OLLAMA_HOST={at} ollama list   # what it holds"],
-        "proxy": [trust, f"HTTPS_PROXY=http://127.0.0.1:{proxy} ollama serve   # or: sudo systemctl edit ollama, "
-                  "then restart it", "ollama pull tiny:1b"],
+        "ollama_host": [(f"OLLAMA_HOST={at} ollama pull tiny:1b   # fill the mirror (from the mirror's host or "
+                         "--manage-clients)"), f"OLLAMA_HOST={at} ollama list   # what it holds"],
+        "proxy": [trust, (f"HTTPS_PROXY=http://127.0.0.1:{proxy} ollama serve   # or: sudo systemctl edit ollama, "
+                          "then restart it"), "ollama pull tiny:1b"],
         "dns": ["# in the LAN's DNS, point registry.ollama.ai at 127.0.0.1", trust, "ollama pull tiny:1b"],
     }
 
@@ -177,7 +177,7 @@ def test_status_page_in_a_real_browser_shows_a_fill_moving(
     page.wait_for_selector("#models tr[data-name='slow:1']", timeout=10_000)
     assert page.locator("#incomplete-section").is_hidden() and page.locator("#no-models").is_hidden()
     assert "ollama pull --insecure" in page.locator("pre[data-mode='named']").inner_text()
-    assert f"/library/slow:1" in page.locator("pre[data-mode='named']").inner_text()  # the model it holds
+    assert "/library/slow:1" in page.locator("pre[data-mode='named']").inner_text()  # the model it holds
     assert page.locator("#error").inner_text() == ""
 
 
