@@ -158,18 +158,24 @@ async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
                   for host, url in settings.registry_urls.items()}
     mirror = Mirror(settings, layout, store, meta, engine, registries)
     eviction_task = _start_eviction(mirror)
-    probes = [] if settings.offline else [
-        asyncio.get_running_loop().create_task(r.upstream.health.watch(r.upstream.probe), name=f"probe {host}")
-        for host, r in registries.items()]  # in the background: start-up never waits for an upstream
     try:
         yield mirror
     finally:
-        for task in [*probes, *([eviction_task] if eviction_task else [])]:
-            task.cancel()
+        if eviction_task is not None:
+            eviction_task.cancel()
         await engine.close()
         for registry in registries.values():
             await registry.upstream.aclose()
         meta.close()
+
+
+def _start_probes(mirror: Mirror) -> list[asyncio.Task[None]]:
+    """Watch each upstream's health (``health.py``), in the background: start-up never waits for one."""
+    if mirror.settings.offline:
+        return []
+    loop = asyncio.get_running_loop()
+    return [loop.create_task(r.upstream.health.watch(r.upstream.probe), name=f"probe {host}")
+            for host, r in mirror.registries.items()]
 
 
 def _start_eviction(mirror: Mirror) -> asyncio.Task[None] | None:
@@ -208,7 +214,13 @@ def create_app(settings: Settings) -> Starlette:
             upstreams = " ".join(f"{host}={url}" for host, url in settings.registry_urls.items())
             log.info("mirror ready cache=%s registries=%s%s", settings.cache_dir, upstreams,
                      " offline" if settings.offline else "")
-            yield
+            probes = _start_probes(mirror)
+            try:
+                yield
+            finally:
+                for task in probes:
+                    task.cancel()
+                await asyncio.gather(*probes, return_exceptions=True)
 
     pages = status.public_root if settings.admin_listen else status.routes
     keys = load_keys(settings.keys_file) if settings.keys_file else {}

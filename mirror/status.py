@@ -124,7 +124,8 @@ def _incomplete(mirror: Any, model: CachedModel, stored: dict[Digest, int]) -> d
 
 def _fill(fill: Fill) -> dict[str, Any]:
     seconds = max(time.monotonic() - fill.started, 1e-3)
-    return {"digest": str(fill.digest), "model": str(fill.name), "size": fill.size, "done": fill.done_bytes,
+    model = fill.name.model if fill.name.namespace == "library" else str(fill.name)  # a blob has no tag
+    return {"digest": str(fill.digest), "model": model, "size": fill.size, "done": fill.done_bytes,
             "rate": fill.fetched / seconds, "clients": fill.waiting_clients, "state": fill.state.name.lower()}
 
 

@@ -12,6 +12,7 @@ import contextlib
 import email.utils
 import json
 import logging
+import os
 import re
 import ssl
 import time
@@ -159,8 +160,11 @@ class Upstream:
         try:
             with _mapped(url):
                 response = await self.client.send(request, stream=True, follow_redirects=follow)
-        except UpstreamError as exc:
+        except (UpstreamUnavailable, UpstreamStalled) as exc:
             self.health.failed(exc)
+            raise
+        except UpstreamError as exc:  # reached, but refused (netpolicy) or nonsense: said, not "down"
+            self.health.met(exc)
             raise
         if response.status_code >= 500 or response.status_code == 429:
             self.health.failed(_status_error(response, url, b""))
@@ -384,21 +388,29 @@ def _failure(exc: httpx.HTTPError, url: str) -> UpstreamError:
         return UpstreamUnavailable(
             f"the mirror cannot connect to {host}: connection refused; check that the registry is up and that "
             "--upstream (or --registry) names the right host and port", cause="refused", url=url)
-    return UpstreamUnavailable(
-        f"the connection from the mirror to {host} failed ({type(exc).__name__}: {reason}): check the network "
-        "path to it and try again", cause="network", url=url)
+    detail = _os_reason(exc) or f"{type(exc).__name__}: {reason}"
+    return UpstreamUnavailable(f"the connection from the mirror to {host} failed ({detail}): check the network "
+                               "path to it and try again", cause="network", url=url)
 
 
-def _in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
-    """Whether ``kind`` is among the exceptions that caused ``exc`` (httpx wraps httpcore wraps OSError)."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it, outermost first (httpx wraps httpcore wraps the OSError)."""
     seen: BaseException | None = exc
     for _ in range(10):
         if seen is None:
-            return False
-        if isinstance(seen, kind):
-            return True
+            return
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
+
+
+def _in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
+    return any(isinstance(cause, kind) for cause in _chain(exc))
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The system's words for the errno behind ``exc`` ("no route to host"), if there is one."""
+    errnos = (cause.errno for cause in _chain(exc) if isinstance(cause, OSError) and cause.errno)
+    return next((os.strerror(number).lower() for number in errnos), "")
 
 
 def _seconds(exc: httpx.TimeoutException, which: str) -> str:
