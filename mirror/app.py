@@ -23,6 +23,7 @@ from .access import AccessControl, ManagePolicy, load_keys
 from .blobs import BlobService
 from .config import DEFAULT_UPSTREAM, Settings
 from .errors import MirrorError, NameInvalid
+from .health import Health, upstream_cause
 from .eviction import Evictor
 from .fill import FillEngine
 from .layout import Layout, cache_problem, registry_host
@@ -32,7 +33,7 @@ from .logs import AccessLog
 from .manifests import ManifestService
 from .metadata import Metadata
 from .pulls import PullService
-from .responses import error_response, registry_error
+from .responses import error_response, is_ollama, registry_error
 from .metrics import Metrics
 from .routes import REGISTRY_HEADER, fallback
 from .routes import routes as registry_routes
@@ -44,7 +45,20 @@ log = logging.getLogger("mirror")
 
 async def _mirror_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, MirrorError)
-    return registry_error(exc)
+    mirror = getattr(request.app.state, "mirror", None)
+    failure = upstream_cause(exc)
+    if failure is not None and mirror is not None:
+        mirror.registry_for_request(request.headers.get("host", "")).upstream.health.met(failure)
+    return registry_error(exc, ollama=is_ollama(request.headers), named=_named_mode(mirror, request))
+
+
+def _named_mode(mirror: Mirror | None, request: Request) -> bool:
+    """Whether the client named the mirror itself (``mirror.lan/library/x``), not a mirrored
+    registry (the proxy and DNS modes, where the client believes it talks to that registry)."""
+    if mirror is None:
+        return True
+    host = request.headers.get("host", "").lower()
+    return host not in mirror.registries and re.sub(r":\d+$", "", host) not in mirror.registries
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -185,6 +199,15 @@ async def _following_a_mirror(settings: Settings) -> Settings:
     return settings.mirroring(announced)
 
 
+def _start_probes(mirror: Mirror) -> list[asyncio.Task[None]]:
+    """Watch each upstream's health (``health.py``), in the background: start-up never waits for one."""
+    if mirror.settings.offline:
+        return []
+    loop = asyncio.get_running_loop()
+    return [loop.create_task(r.upstream.health.watch(r.upstream.probe), name=f"probe {host}")
+            for host, r in mirror.registries.items()]
+
+
 def _start_eviction(mirror: Mirror) -> asyncio.Task[None] | None:
     high = mirror.settings.max_bytes()
     if high is None:
@@ -197,15 +220,15 @@ def _start_eviction(mirror: Mirror) -> asyncio.Task[None] | None:
     return asyncio.get_running_loop().create_task(mirror.evictor.run_forever(), name="eviction")
 
 
-def _upstream(url: str, settings: Settings, throttle: Throttle | None) -> Upstream:
+def _upstream(url: str, settings: Settings, throttle: Throttle | None, health: Health | None = None) -> Upstream:
     return Upstream(url, connect_timeout=settings.connect_timeout, stall_timeout=settings.stall_timeout,
                     max_connections=settings.upstream_connections, allow_networks=settings.allowed_networks,
-                    pinned=settings.pinned_addresses, throttle=throttle)
+                    pinned=settings.pinned_addresses, throttle=throttle, health=health)
 
 
 def _registry(host: str, url: str, store: BlobStore, meta: Metadata, engine: FillEngine,
               settings: Settings, throttle: Throttle | None) -> Registry:
-    upstream = _upstream(url, settings, throttle)
+    upstream = _upstream(url, settings, throttle, Health(host, url, offline=settings.offline))
     manifests = ManifestService(store, meta, upstream, settings, host)
     blobs = BlobService(store, meta, upstream, engine, settings)
     return Registry(host, upstream, manifests, blobs, PullService(manifests, blobs))
@@ -229,7 +252,13 @@ def create_app(settings: Settings) -> Starlette:
             upstreams = " ".join(f"{host}={url}" for host, url in mirror.settings.registry_urls.items())
             log.info("mirror ready cache=%s registries=%s%s", settings.cache_dir, upstreams,
                      " offline" if settings.offline else "")
-            yield
+            probes = _start_probes(mirror)
+            try:
+                yield
+            finally:
+                for task in probes:
+                    task.cancel()
+                await asyncio.gather(*probes, return_exceptions=True)
 
     pages = status.public_root if settings.admin_listen else status.routes
     keys = load_keys(settings.keys_file) if settings.keys_file else {}

@@ -20,6 +20,7 @@ from .config import Settings
 from .errors import BlobUnknown, FillFailed, StoreFull, UpstreamRefused
 from .fds import SharedFd, in_thread
 from .fill import Fill, FillEngine
+from .manifest import Manifest
 from .metadata import Metadata
 from .names import Digest, Name
 from .store import BlobStore, read_at
@@ -172,6 +173,19 @@ class BlobService:
             raise BlobUnknown(f"blob {digest} is not cached and the mirror is offline")
         await self._check_space(digest, size)
         return self._engine.start(name, digest, size, self._upstream)
+
+    async def check_room(self, manifest: Manifest) -> None:
+        """Raise ``StoreFull`` now if a blob of ``manifest`` that is neither stored nor filling could
+        not be filled: Ollama prints the reason of a failed manifest, but of a failed blob only
+        "context deadline exceeded", 30 s later."""
+        if self._offline:
+            return
+        unfilled = [b for b in manifest.blobs if self._engine.get(b.digest) is None]
+        stored = await asyncio.to_thread(
+            lambda: {b.digest for b in unfilled if self._store.blob_size(b.digest) is not None})
+        for layer in sorted(unfilled, key=lambda b: -b.size):
+            if layer.digest not in stored:
+                await self._check_space(layer.digest, layer.size)
 
     async def _check_space(self, digest: Digest, size: int) -> None:
         if self._engine.get(digest) is None:  # a running fill holds its space already

@@ -167,7 +167,8 @@ class AccessLog:
             if metrics is not None:
                 metrics.request(scope["path"], scope["method"], sent["status"], state.get("cache"), sent["bytes"])
             client = scope.get("client") or ("-", 0)
-            access.info(
+            access.log(
+                state.get("log_level", logging.INFO),  # DEBUG for what is routine (Ollama's resolving GET)
                 "%s %s %d bytes=%d ms=%.0f cache=%s client=%s%s%s",
                 scope["method"], scope["path"], sent["status"], sent["bytes"],
                 (time.perf_counter() - started) * 1000, state.get("cache", "-"), client[0],

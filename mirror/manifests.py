@@ -83,12 +83,13 @@ class ManifestService:
             self._remember(key, local)
         if self._settings.offline:
             if local is None:
-                raise ManifestUnknown(f"{name}:{tag} is not cached and the mirror is offline")
+                raise ManifestUnknown(f"{name}:{tag} is not cached and this mirror is offline: bring it here with "
+                                      "`ollama-mirror export` on a connected mirror and `ollama-mirror import`")
             return ManifestAnswer(local, "hit")
         if local is not None and not revalidate and time.time() - local.fetched_at < self._settings.manifest_ttl:
             return ManifestAnswer(local, "hit")
         if local is None and key in self._missing:
-            raise ManifestUnknown(f"manifest {name}:{tag} is unknown to upstream")
+            raise self._unknown(name, tag)
         task = self._fetch_once(key, name, tag, client_headers)
         if local is None:
             try:
@@ -96,9 +97,13 @@ class ManifestService:
             except UpstreamRefused as exc:
                 if exc.status == 404:
                     self._missing[key] = True
-                    raise ManifestUnknown(f"manifest {name}:{tag} is unknown to upstream") from exc
+                    raise self._unknown(name, tag) from exc
                 raise
         return await self._revalidated(name, tag, local, task)
+
+    def _unknown(self, name: Name, tag: str) -> ManifestUnknown:
+        return ManifestUnknown(f"{name}:{tag} is not in the upstream registry {self._upstream.base_url}: check the "
+                               "model's name and tag")
 
     async def _revalidated(
         self, name: Name, tag: str, local: CachedManifest, task: asyncio.Task[CachedManifest]

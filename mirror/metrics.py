@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from .eviction import store_usage
 from .fill import Fill, FillState
+from .health import State
 
 if TYPE_CHECKING:
     from .app import Mirror
@@ -105,6 +106,26 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _upstream_gauges(mirror: Mirror) -> Iterator[GaugeMetricFamily]:
+    """Each upstream registry's health: up (absent until first probed, and offline), its latency,
+    when it last answered."""
+    up = GaugeMetricFamily("ollama_mirror_upstream_up", "Whether the upstream registry answered its last request "
+                           "or probe (1) or not (0: no connection, no answer, 5xx or 429).", labels=["registry"])
+    latency = GaugeMetricFamily("ollama_mirror_upstream_latency_seconds", "Seconds to the headers of the "
+                                "registry's last answer.", labels=["registry"])
+    reached = GaugeMetricFamily("ollama_mirror_upstream_last_reached_timestamp_seconds", "Unix time of the "
+                                "registry's last answer.", labels=["registry"])
+    for host, registry in mirror.registries.items():
+        health = registry.upstream.health
+        if health.state in (State.UP, State.DOWN):
+            up.add_metric([host], 1.0 if health.state is State.UP else 0.0)
+        if health.latency is not None:
+            latency.add_metric([host], health.latency)
+        if health.last_reached is not None:
+            reached.add_metric([host], health.last_reached)
+    yield from (up, latency, reached)
+
+
 class _StateCollector(Collector):
     """Gauges read at scrape time, from the engine and the disk."""
 
@@ -127,6 +148,7 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("ollama_mirror_store_bytes", "Bytes of blobs in the store.", value=self.usage())
         yield GaugeMetricFamily("ollama_mirror_disk_free_bytes", "Free space on the store's filesystem.",
                                 value=shutil.disk_usage(mirror.layout.root).free)
+        yield from _upstream_gauges(mirror)
         evictor = mirror.evictor
         yield CounterMetricFamily("ollama_mirror_evicted_models", "Models removed by eviction.",
                                   value=evictor.evicted_models if evictor else 0)

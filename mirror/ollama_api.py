@@ -35,7 +35,8 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _request_model(request: Request) -> tuple[dict[str, Any], ModelRef]:
+async def _request_model(request: Request) -> tuple[dict[str, Any], str, ModelRef]:
+    """The request's body, the model as the user typed it, and as parsed."""
     try:
         body = json.loads(await request.body() or b"{}")
     except ValueError:
@@ -45,7 +46,7 @@ async def _request_model(request: Request) -> tuple[dict[str, Any], ModelRef]:
     text = body.get("model") or body.get("name")
     if not isinstance(text, str) or not text:
         raise NameInvalid("model is required")
-    return body, ModelRef.parse(text)
+    return body, text, ModelRef.parse(text)
 
 
 def _api_errors(handler: Any) -> Any:
@@ -54,8 +55,8 @@ def _api_errors(handler: Any) -> Any:
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
-        except ManifestUnknown as exc:
-            return _error(404 if request.url.path != "/api/pull" else 500, _pull_message(exc))
+        except ManifestUnknown as exc:  # pull: Ollama's words for a registry 404 (its CLI looks for them)
+            return _error(500, _pull_message(exc)) if request.url.path == "/api/pull" else _error(404, str(exc))
         except NameInvalid as exc:
             return _error(400, str(exc))
         except MirrorError as exc:
@@ -72,7 +73,7 @@ def _pull_message(exc: MirrorError) -> str:
 
 @_api_errors
 async def pull(request: Request) -> Response:
-    body, ref = await _request_model(request)
+    body, _, ref = await _request_model(request)
     events = request.app.state.mirror.registry(ref.host).pulls.pull(ref, request.headers)
     if body.get("stream", True) is False:
         last: dict[str, object] = {}
@@ -133,11 +134,12 @@ def _time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=UTC).isoformat()
 
 
-async def _find(request: Request, ref: ModelRef) -> CachedModel:
+async def _find(request: Request, typed: str, ref: ModelRef) -> CachedModel:
+    """The cached model a request names; Ollama's own words when there is none, with the name as typed."""
     layout = request.app.state.layout
     found = await asyncio.to_thread(models.load, layout, _host(request, ref), ref.name, ref.tag)
     if found is None:
-        raise ManifestUnknown(f"model '{ref}' not found")
+        raise ManifestUnknown(f"model '{typed}' not found")
     return found
 
 
@@ -152,16 +154,16 @@ def _host(request: Request, ref: ModelRef) -> str:
 
 @_api_errors
 async def delete(request: Request) -> Response:
-    _, ref = await _request_model(request)
-    model = await _find(request, ref)
+    _, typed, ref = await _request_model(request)
+    model = await _find(request, typed, ref)
     await request.app.state.mirror.remove([model], by="api")
     return Response(status_code=200)
 
 
 @_api_errors
 async def show(request: Request) -> Response:
-    _, ref = await _request_model(request)
-    model = await _find(request, ref)
+    _, typed, ref = await _request_model(request)
+    model = await _find(request, typed, ref)
     layout = request.app.state.layout
     return JSONResponse(await asyncio.to_thread(_show, layout, model, str(ref)))
 

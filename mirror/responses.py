@@ -23,6 +23,7 @@ from .manifests import CachedManifest
 from .ranges import Span
 
 log = logging.getLogger("mirror.access")
+OLLAMA_AGENTS = ("ollama/", "Go-http-client/")  # Ollama's registry requests; its blob parts (Go's default)
 
 STATUS = {
     errors.RangeNotSatisfiable: 416,
@@ -48,15 +49,37 @@ def status_for(exc: MirrorError) -> int:
     return 500
 
 
-def registry_error(exc: MirrorError, headers: Mapping[str, str] | None = None) -> Response:
-    """``{"errors": [{"code", "message", "detail"}]}`` with the status the error calls for."""
+def registry_error(exc: MirrorError, headers: Mapping[str, str] | None = None, *, ollama: bool = False,
+                   named: bool = True) -> Response:
+    """``{"errors": [{"code", "message", "detail"}]}`` with the status the error calls for; for
+    Ollama's own requests (``ollama``), the message alone (see ``_for_ollama``). ``named``: the
+    client named the mirror itself, not a mirrored registry (proxy and DNS modes)."""
     if isinstance(exc, UpstreamRefused) and 400 <= exc.status < 500:
         return _passed_through(exc)
     status = status_for(exc)
     extra = dict(headers or {})
     if isinstance(exc, errors.RangeNotSatisfiable):
         extra["Content-Range"] = f"bytes */{exc.size}"  # RFC 9110 section 15.5.17
+    if ollama:
+        return _for_ollama(exc, status, named, extra)
     return error_response(status, exc.code, str(exc), extra)
+
+
+def is_ollama(headers: Mapping[str, str]) -> bool:
+    """A request from Ollama itself: its User-Agent on registry requests, Go's default on blob parts."""
+    return headers.get("user-agent", "").startswith(OLLAMA_AGENTS)
+
+
+def _for_ollama(exc: MirrorError, status: int, named: bool, headers: dict[str, str]) -> Response:
+    """The error as Ollama shows it: it prints a registry error's body as it is, after the status
+    (``Error: pull model manifest: 502: <body>``, server/images.go makeRequestWithRetry), so the body
+    is our one sentence, not JSON. A 404's body it never prints ("file does not exist"): a manifest
+    named through the mirror (``mirror.lan/library/x``) that it cannot give answers 400, so the
+    reason reaches the user. Through the proxy and DNS modes it stays 404, as the registry answers
+    (Ollama 0.32 offers a ``:cloud`` model on that answer)."""
+    if status == 404 and named and isinstance(exc, errors.ManifestUnknown):
+        status = 400
+    return Response(str(exc), status, headers=headers, media_type="text/plain; charset=utf-8")
 
 
 def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -147,8 +170,12 @@ class BlobResponse:
             await asyncio.gather(body, watcher, return_exceptions=True)
             BlobResponse.active -= 1
             self.body.close()
-        if body.cancelled():
-            scope["state"]["outcome"] = "client gone"
+        if self.spans is None and _user_agent(scope).startswith("ollama/") and (
+                body.cancelled() or body.exception() is None):
+            # Ollama's resolving GET: it reads the headers (Location) and hangs up, every pull, every blob.
+            scope["state"]["outcome"], scope["state"]["log_level"] = "resolved", logging.DEBUG
+        elif body.cancelled():
+            scope["state"]["outcome"] = "client gone"  # it left before the end of what it asked for
         elif isinstance(body.exception(), MirrorError):
             # Cut short of its Content-Length (uvicorn closes the connection): never a clean end.
             scope["state"]["outcome"] = f"aborted: {body.exception()}"
@@ -212,6 +239,13 @@ class HeadResponse(Response):
 
 def _unlimited() -> int:
     return 1 << 62
+
+
+def _user_agent(scope: Scope) -> str:
+    for key, value in scope.get("headers", []):
+        if key == b"user-agent":
+            return value.decode("latin-1")
+    return ""
 
 
 async def _until_disconnect(receive: Receive) -> None:

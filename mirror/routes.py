@@ -19,7 +19,7 @@ from .errors import RouteUnknown, Unsupported
 from .manifests import ManifestService
 from .names import Digest, Name, parse_tag
 from .ranges import parse_range
-from .responses import BlobResponse, HeadResponse, blob_headers, manifest_response
+from .responses import BlobResponse, HeadResponse, blob_headers, is_ollama, manifest_response
 
 if TYPE_CHECKING:
     from .app import Registry
@@ -59,6 +59,8 @@ async def manifest(request: Request) -> Response:
     else:
         answer = await service.by_tag(name, parse_tag(reference), request.headers)
         found, cache = answer.manifest, answer.cache
+        if not head and is_ollama(request.headers):  # it shows a manifest's error, never a blob's
+            await _registry(request).blobs.check_room(found.parsed)
     request.state.cache = cache
     return manifest_response(found, head, cache)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -17,10 +18,13 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from . import __version__, models
+from .config import Settings
 from .errors import RouteUnknown
-from .eviction import store_usage
+from .eviction import stored_blobs
 from .fill import Fill
 from .metrics import CONTENT_TYPE
+from .models import DEFAULT_REGISTRY, CachedModel
+from .names import Digest, Name
 
 PAGE = resources.files("mirror").joinpath("static/status.html")
 
@@ -63,43 +67,122 @@ async def ca_certificate(request: Request) -> Response:
 
 def _status(request: Request) -> dict[str, Any]:
     mirror = request.app.state.mirror
-    host = request.headers.get("host", "mirror")
-    cached = models.list_models(mirror.layout)
+    stored = {digest: stat.st_size for digest, stat in stored_blobs(mirror.layout).items()}
+    fills = mirror.engine.active
+    complete, incomplete = _split(models.list_models(mirror.layout), stored)
     evictor = mirror.evictor
     return {
         "version": __version__,
         "upstreams": mirror.settings.registry_urls,
         "offline": mirror.settings.offline,
-        "setup": _setup_lines(host, mirror.settings.proxy_listen),
-        "totals": {**request.app.state.metrics.totals(), "store_bytes": store_usage(mirror.layout),
+        "health": [registry.upstream.health.snapshot() for registry in mirror.registries.values()],
+        "setup": _setup(request, mirror.settings, _example(complete, mirror.settings.default_host)),
+        "totals": {**request.app.state.metrics.totals(), "store_bytes": sum(stored.values()),
+                   "filling_bytes": sum(f.done_bytes for f in fills), "filling_size": sum(f.size for f in fills),
                    "limit_bytes": evictor.high if evictor else None},
-        "models": [_model(mirror, m) for m in cached],
-        "fills": [_fill(f) for f in mirror.engine.active],
+        "models": [_model(mirror, m) for m in complete],
+        "incomplete": [_incomplete(mirror, m, stored) for m in incomplete],
+        "fills": [_fill(f) for f in fills],
     }
 
 
-def _setup_lines(host: str, proxy: str) -> list[str]:
-    lines = [f"ollama pull --insecure {host}/library/qwen2.5:0.5b",
-             f"ollama cp {host}/library/qwen2.5:0.5b qwen2.5:0.5b   # optional: the usual name"]
-    if proxy:
-        port = proxy.rpartition(":")[2]
-        name = host.rpartition(":")[0] if ":" in host else host
-        lines = [f"curl -o ollama-mirror-ca.crt http://{host}/ca.crt   # trust it as a system certificate",
-                 f"HTTPS_PROXY=http://{name}:{port} ollama serve   # then: ollama pull qwen2.5:0.5b"] + lines
-    return lines
+def _split(cached: list[CachedModel], stored: dict[Digest, int]) -> tuple[list[CachedModel], list[CachedModel]]:
+    """Complete models (every blob verified in the store) and the others: a manifest arrives
+    before its blobs, so a model being filled, or whose blobs no client asked for yet, is not complete."""
+    complete: list[CachedModel] = []
+    incomplete: list[CachedModel] = []
+    for model in cached:
+        (complete if all(blob.digest in stored for blob in model.blobs) else incomplete).append(model)
+    return complete, incomplete
 
 
-def _model(mirror: Any, model: models.CachedModel) -> dict[str, Any]:
+def client_name(host: str, name: Name, tag: str, default_host: str) -> str:
+    """A model as an Ollama client of this mirror names it: ``qwen2.5:7b`` for the library of the
+    registry it mirrors by default, ``team/model:v1`` for another namespace there, the full name
+    for other registry hosts."""
+    if host in (default_host, DEFAULT_REGISTRY):
+        return f"{name.model if name.namespace == 'library' else name}:{tag}"
+    return f"{host}/{name}:{tag}"
+
+
+def _model(mirror: Any, model: CachedModel) -> dict[str, Any]:
     record = mirror.meta.manifest(model.host, model.name, model.tag)
-    return {"name": model.display_name, "host": model.host, "id": model.digest.hex[:12], "size": model.size,
+    return {"name": client_name(model.host, model.name, model.tag, mirror.settings.default_host),
+            "stored_as": str(model), "host": model.host, "id": model.digest.hex[:12], "size": model.size,
             "pulled": record.fetched_at if record and record.fetched_at else model.modified,
             "pinned": mirror.meta.is_pinned(model.host, model.name, model.tag)}
 
 
+def _incomplete(mirror: Any, model: CachedModel, stored: dict[Digest, int]) -> dict[str, Any]:
+    """A model whose blobs are not all in the store: how much is, and whether a fill is running."""
+    fills = [mirror.engine.get(blob.digest) for blob in model.blobs if blob.digest not in stored]
+    cached = sum(blob.size for blob in model.blobs if blob.digest in stored)
+    return {"name": client_name(model.host, model.name, model.tag, mirror.settings.default_host),
+            "stored_as": str(model), "size": model.size, "cached": cached + sum(f.done_bytes for f in fills if f),
+            "filling": any(fills)}
+
+
 def _fill(fill: Fill) -> dict[str, Any]:
     seconds = max(time.monotonic() - fill.started, 1e-3)
-    return {"digest": str(fill.digest), "model": str(fill.name), "size": fill.size, "done": fill.done_bytes,
+    model = fill.name.model if fill.name.namespace == "library" else str(fill.name)  # a blob has no tag
+    return {"digest": str(fill.digest), "model": model, "size": fill.size, "done": fill.done_bytes,
             "rate": fill.fetched / seconds, "clients": fill.waiting_clients, "state": fill.state.name.lower()}
+
+
+@dataclass(frozen=True)
+class _Example:
+    """The model the set-up lines show: a complete one (the smallest) or a placeholder that says so."""
+
+    host: str
+    name: Name
+    tag: str
+    cached: bool
+
+
+def _example(complete: list[CachedModel], default_host: str) -> _Example:
+    mine = sorted((m for m in complete if m.host == default_host), key=lambda m: m.size)
+    if mine:
+        return _Example(mine[0].host, mine[0].name, mine[0].tag, True)
+    return _Example(default_host, Name("library", "MODEL"), "TAG", False)
+
+
+def _setup(request: Request, settings: Settings, example: _Example) -> list[dict[str, Any]]:
+    """The commands for each way this mirror is running, with a model it holds."""
+    page = request.headers.get("host") or f"{settings.listen_host}:{settings.listen_port}"
+    hostname = page.rpartition(":")[0] if page.rpartition(":")[2].isdigit() else page
+    # The page may be on --admin-listen: the registry is on the main listener's port.
+    main = page if not settings.admin_listen else _address(hostname, settings.listen_port)
+    named = f"{main}/{example.name}:{example.tag}"
+    short = client_name(example.host, example.name, example.tag, settings.default_host)
+    stock = client_name(example.host, example.name, example.tag, DEFAULT_REGISTRY)  # a stock client's name
+    note = [] if example.cached else ["# nothing is cached yet: put a model the upstream has in place of MODEL:TAG"]
+    insecure = " --insecure" if request.url.scheme == "http" else ""
+    modes = [
+        {"mode": "named", "title": "Named: any Ollama, the mirror in the model's name", "lines": [
+            *note, f"ollama pull{insecure} {named}",
+            f"ollama cp {named} {short}   # optional: the usual name (copies only the manifest)"]},
+        {"mode": "ollama_host", "title": "OLLAMA_HOST: the Ollama CLI manages the mirror's cache", "lines": [
+            *note, f"OLLAMA_HOST={page} ollama pull {short}   # fill the mirror"
+            + ("" if settings.admin_listen else " (from the mirror's host or --manage-clients)"),
+            f"OLLAMA_HOST={page} ollama list   # what it holds"]},
+    ]
+    trust = (["# clients must trust the issuer of --tls-cert"] if settings.tls_cert else
+             [f"curl -o ollama-mirror-ca.crt http://{page}/ca.crt   # then trust it as a system certificate"])
+    if settings.proxy_listen:
+        proxy = _address(hostname, int(settings.proxy_listen.rpartition(":")[2]))
+        modes.append({"mode": "proxy", "title": "Transparent: stock names through HTTPS_PROXY", "lines": [
+            *note, *trust,
+            f"HTTPS_PROXY=http://{proxy} ollama serve   # or: sudo systemctl edit ollama, then restart it",
+            f"ollama pull {stock}"]})
+    if settings.tls_listen:
+        hosts = ", ".join(sorted(h for h in settings.registry_urls if ":" not in h)) or "the mirrored hosts"
+        modes.append({"mode": "dns", "title": "Transparent: stock names through a DNS override", "lines": [
+            *note, f"# in the LAN's DNS, point {hosts} at {hostname}", *trust, f"ollama pull {stock}"]})
+    return modes
+
+
+def _address(hostname: str, port: int) -> str:
+    return hostname if port == 80 else f"{hostname}:{port}"
 
 
 health = Route("/healthz", healthz, methods=["GET", "HEAD"])  # on the main and the admin listener

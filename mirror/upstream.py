@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json
 import logging
+import os
 import re
 import ssl
 import threading
@@ -33,6 +35,7 @@ from .errors import (
     UpstreamUnavailable,
     UpstreamUrlExpired,
 )
+from .health import Health
 from .layout import registry_host
 from .names import Digest, Name
 from .netpolicy import Classifier, IPNetwork, NetPolicy, PolicyBackend, Resolver
@@ -82,6 +85,7 @@ class Upstream:
     and blob bytes have a connection pool each, so a manifest never queues behind fills."""
 
     REGISTRY_CONNECTIONS = 16
+    ANSWER_TIMEOUT = 10.0  # seconds a registry request waits for a byte (a hung registry: 504 sooner)
 
     def __init__(
         self,
@@ -97,10 +101,14 @@ class Upstream:
         is_public: Classifier | None = None,
         pinned: Mapping[str, str] | None = None,
         throttle: Throttle | None = None,
+        health: Health | None = None,
     ) -> None:
         """``max_connections``: blob range requests, all fills together. A registry request waits
-        at most ``pool_timeout`` (default: ``connect_timeout``) for one of its own connections."""
+        at most ``pool_timeout`` (default: ``connect_timeout``) for one of its own connections, and
+        at most ``ANSWER_TIMEOUT`` (or ``stall_timeout`` if shorter) for each byte of the answer:
+        a manifest is a few KiB, and a registry that says nothing for that long is hung."""
         self.base_url = base_url.rstrip("/")
+        self.health = health or Health(registry_host(self.base_url), self.base_url)  # told of every registry request
         self._throttle = throttle
         self._origin = _origin(self.base_url)
         self._policy = NetPolicy(self._origin[1], allow_networks=allow_networks, pinned=pinned,
@@ -108,7 +116,8 @@ class Upstream:
         self.cdn_hosts: set[str] = set()  # hosts (host:port unless default) the registry redirected blobs to
         self._make_registry_client = lambda: self._client(
             transport or PolicyTransport(PolicyBackend(self._policy), max_connections=self.REGISTRY_CONNECTIONS),
-            connect_timeout, stall_timeout, connect_timeout if pool_timeout is None else pool_timeout)
+            connect_timeout, min(stall_timeout, self.ANSWER_TIMEOUT),
+            connect_timeout if pool_timeout is None else pool_timeout)
         self._make_blob_client = lambda: self._client(  # fills wait their turn for a connection
             transport or PolicyTransport(PolicyBackend(self._policy), max_connections=max_connections),
             connect_timeout, stall_timeout, None)
@@ -160,9 +169,7 @@ class Upstream:
             token = self._token(name)
             if token:
                 sent["Authorization"] = f"Bearer {token}"
-            request = self.client.build_request(method, url, headers=sent)
-            with _mapped(url):
-                response = await self.client.send(request, stream=True, follow_redirects=follow)
+            response = await self._send(self.client.build_request(method, url, headers=sent), url, follow=follow)
             challenge = response.headers.get("WWW-Authenticate", "")
             if response.status_code != 401 or attempt or not challenge.lower().startswith("bearer"):
                 return response
@@ -172,17 +179,47 @@ class Upstream:
                 self._tokens[str(name)] = token
         raise AssertionError("unreachable")
 
+    async def _send(self, request: httpx.Request, url: str, *, follow: bool = False) -> httpx.Response:
+        """Send a registry request (streamed), and tell ``health`` how it went: any answer below 500
+        means the registry is reachable; no connection, no answer, a 5xx or a 429 that it is not."""
+        started = time.monotonic()
+        try:
+            with _mapped(url):
+                response = await self.client.send(request, stream=True, follow_redirects=follow)
+        except (UpstreamUnavailable, UpstreamStalled) as exc:
+            self.health.failed(exc)
+            raise
+        except UpstreamError as exc:  # reached, but refused (netpolicy) or nonsense: said, not "down"
+            self.health.met(exc)
+            raise
+        if response.status_code >= 500 or response.status_code == 429:
+            self.health.failed(_status_error(response, url, b""))
+        else:
+            self.health.reached(time.monotonic() - started)
+        return response
+
+    async def probe(self) -> None:
+        """Ask the registry's ``/v2/`` once, for ``health`` (registry.ollama.ai answers it 404,
+        which is as good an answer as any: the registry is there)."""
+        url = f"{self.base_url}/v2/"
+        with contextlib.suppress(UpstreamError):
+            response = await self._send(self.client.build_request("GET", url), url)
+            await response.aclose()
+
     async def _fetch_token(self, challenge: str, url: str) -> str:
         params = dict(_CHALLENGE_PARAM.findall(challenge))
         realm = params.pop("realm", "")
         if urlsplit(realm).scheme not in ("http", "https"):
             raise UpstreamInvalid(f"token challenge from {url} names no usable realm")
-        with _mapped(realm):
-            response = await self.client.get(realm, params=params)
+        response = await self._send(self.client.build_request("GET", realm, params=params), realm)
+        try:
+            data = await _read_capped(response, 64 << 10, realm)
+        finally:
+            await response.aclose()
         if response.status_code != 200:
             raise UpstreamRefused(f"token request to {realm} answered {response.status_code}", response.status_code)
         try:
-            body = response.json()
+            body = json.loads(data)
             return str(body.get("token") or body["access_token"])
         except (ValueError, KeyError, AttributeError):
             raise UpstreamInvalid(f"token response from {realm} has no token") from None
@@ -336,23 +373,88 @@ def _mapped(url: str) -> Iterator[None]:
         yield
     except UpstreamError:
         raise
-    except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
-        raise UpstreamStalled(f"no bytes from {url} in time") from exc
     except httpx.PoolTimeout as exc:
         raise UpstreamUnavailable(f"no upstream connection came free in time for {url}: "
-                                  "too many registry requests at once, try again") from exc
-    except httpx.TimeoutException as exc:
-        raise UpstreamUnavailable(f"timed out connecting to {url}") from exc
+                                  "too many registry requests at once, try again", cause="busy") from exc
     except httpx.UnsupportedProtocol as exc:
         raise UpstreamInvalid(f"unsupported URL scheme: {url}") from exc
     except (httpx.TransportError, httpx.DecodingError) as exc:
-        raise UpstreamUnavailable(f"{type(exc).__name__} from {url}: {exc}") from exc
+        raise _failure(exc, url) from exc
+
+
+def _failure(exc: httpx.HTTPError, url: str) -> UpstreamError:
+    """What a person reads when a connection or a read failed: one sentence with the cause and the
+    fix. The cause is also a word (``detail["cause"]``) for the health log's once-a-minute limit."""
+    parts = urlsplit(url)
+    host, name = parts.netloc, parts.hostname or parts.netloc
+    if isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout)):
+        return UpstreamStalled(
+            f"{host} accepted the mirror's connection but sent nothing for {_seconds(exc, 'read')} s: it is "
+            "overloaded or hung; try again later, or point --upstream at a registry that answers",
+            cause="no-answer", url=url)
+    if isinstance(exc, httpx.TimeoutException):
+        if _in_chain(exc, ssl.SSLError):
+            return UpstreamUnavailable(
+                f"the mirror's TLS handshake with {host} did not finish within {_seconds(exc, 'connect')} s: "
+                "check that it speaks https on that port", cause="tls-timeout", url=url)
+        return UpstreamUnavailable(
+            f"the mirror cannot connect to {host}: no answer within {_seconds(exc, 'connect')} s; check the "
+            "network path to it (firewall, routing, --resolve)", cause="connect-timeout", url=url)
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectError) and "does not resolve" in reason:  # netpolicy.PolicyBackend's words
+        return UpstreamUnavailable(
+            f"the mirror cannot resolve {name}: its DNS does not know the name; check the name in --upstream "
+            f"(or --registry) and the mirror's DNS, or pin an address with --resolve {name}=IP",
+            cause="dns", url=url)
+    if isinstance(exc, httpx.ConnectError) and _in_chain(exc, ssl.SSLError):
+        return UpstreamUnavailable(
+            f"the mirror's TLS handshake with {host} failed ({reason}): check the name in --upstream (or "
+            "--registry), or let the mirror trust the registry's CA with SSL_CERT_FILE", cause="tls", url=url)
+    if isinstance(exc, httpx.ConnectError) and _in_chain(exc, ConnectionRefusedError):
+        return UpstreamUnavailable(
+            f"the mirror cannot connect to {host}: connection refused; check that the registry is up and that "
+            "--upstream (or --registry) names the right host and port", cause="refused", url=url)
+    detail = _os_reason(exc) or f"{type(exc).__name__}: {reason}"
+    return UpstreamUnavailable(f"the connection from the mirror to {host} failed ({detail}): check the network "
+                               "path to it and try again", cause="network", url=url)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it, outermost first (httpx wraps httpcore wraps the OSError)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def _in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
+    return any(isinstance(cause, kind) for cause in _chain(exc))
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The system's words for the errno behind ``exc`` ("no route to host"), if there is one."""
+    errnos = (cause.errno for cause in _chain(exc) if isinstance(cause, OSError) and cause.errno)
+    return next((os.strerror(number).lower() for number in errnos), "")
+
+
+def _seconds(exc: httpx.TimeoutException, which: str) -> str:
+    """The timeout that ran out, as the request was sent with it ("?" when unknown)."""
+    try:
+        value = exc.request.extensions.get("timeout", {}).get(which)
+    except RuntimeError:  # no request attached
+        value = None
+    return f"{value:g}" if isinstance(value, int | float) else "?"
 
 
 def _status_error(response: httpx.Response, url: str, body: bytes) -> UpstreamError:
     status = response.status_code
     if status == 429 or status >= 500:
-        return UpstreamUnavailable(f"upstream answered {status} for {_redact(url)}", _retry_after(response),
+        host = urlsplit(url).netloc
+        what = "429 (too many requests)" if status == 429 else str(status)
+        return UpstreamUnavailable(f"{host} answered the mirror with {what}: the registry is failing or busy; "
+                                   "try again later", _retry_after(response), cause=f"http-{status}", url=_redact(url),
                                    status=status)
     return UpstreamRefused(
         f"upstream answered {status} for {_redact(url)}", status, body, response.headers.get("Content-Type", "")

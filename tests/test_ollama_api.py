@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +16,7 @@ from .fakes import Blob, FakeRegistry, ServerThread, blob_from_bytes, write_blob
 
 TEMPLATE = "{{ if .System }}<|system|>{{ .System }}{{ end }}<|user|>{{ .Prompt }}<|assistant|>"
 PARAMS = {"stop": ["<|user|>", "<|end|>"], "temperature": 0.7, "num_ctx": 4096}
+OLLAMA_AGENT = "ollama/0.9.3 (amd64 linux) Go/go1.24.1"
 CONFIG = {"model_format": "gguf", "model_family": "llama", "model_families": ["llama"], "model_type": "1B",
           "file_type": "Q4_0"}
 
@@ -88,6 +91,40 @@ def test_api_tags_show_delete(mirror: ServerThread, registry: FakeRegistry,
     assert other  # the other model is still listed
     assert f"{_upstream_host(registry)}/library/other:latest" in {
         m["name"] for m in httpx.get(f"{mirror.url()}/api/tags").json()["models"]}
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/api/show"), ("DELETE", "/api/delete")])
+def test_show_and_delete_of_a_missing_model_answer_in_ollamas_words(mirror: ServerThread, method: str,
+                                                                    path: str) -> None:
+    r = httpx.request(method, f"{mirror.url()}{path}", json={"model": "nothere"})
+    assert r.status_code == 404 and r.json() == {"error": "model 'nothere' not found"}  # what `ollama rm` prints
+
+
+def test_ollamas_resolving_get_is_logged_as_resolved_at_debug_and_a_reader_leaving_as_client_gone(
+    mirror: ServerThread, registry: FakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every pull's resolving GET reads the headers (Location) and hangs up: routine, not an error."""
+    caplog.set_level(logging.DEBUG, logger="mirror.access")
+    layer = write_blob(registry.directory, 12_000_000, seed=43)
+    registry.add_model("library/res", "1", [layer])
+    registry.cdn.rate = 1_000_000  # bytes/s per connection: the ranged read starts long before the fill ends
+    url = f"{mirror.url()}/v2/library/res/blobs/{layer.digest}"
+    with httpx.Client(timeout=30) as client:
+        client.get(f"{mirror.url()}/v2/library/res/manifests/1")
+        with client.stream("GET", url, headers={"User-Agent": OLLAMA_AGENT}) as r:
+            assert r.status_code == 200 and r.headers["location"]  # all Ollama reads; then it hangs up
+        with client.stream("GET", url, headers={"Range": f"bytes=0-{layer.size - 1}"}) as r:  # leaves mid-range
+            next(r.iter_raw(65536))
+
+    def blob_lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "mirror.access" and f"/blobs/{layer.digest}" in r.getMessage()]
+
+    deadline = time.monotonic() + 10
+    while len(blob_lines()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)  # the access line is written when the server notices the hang-up
+    lines = {r.getMessage().split()[2]: r for r in blob_lines()}  # by status
+    assert lines["206"].levelno == logging.INFO and lines["206"].getMessage().endswith("outcome='client gone'")
+    assert lines["200"].levelno == logging.DEBUG and lines["200"].getMessage().endswith("outcome='resolved'")
 
 
 @pytest.mark.parametrize("path", ["/api/generate", "/api/chat", "/api/embed", "/api/create", "/api/push",

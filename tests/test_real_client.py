@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -85,3 +87,43 @@ def test_real_client_warm_pulls_in_a_loop(
     assert registry.cdn.bytes_sent <= 1.02 * sum(layer.size for layer in layers)  # filled once, then warm
     log = (client.home / "ollama.log").read_text()
     assert "Unsolicited response" not in log and "digest mismatch" not in log
+
+
+def _error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """What the CLI's last line says, from ``Error:`` on (progress output may precede it)."""
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if "Error: " in line]
+    assert lines, result.stderr[-2000:]
+    return lines[-1][lines[-1].index("Error: "):].rstrip()
+
+
+def test_real_client_prints_why_a_pull_fails_in_one_sentence(
+    registry: FakeRegistry, start_mirror: MirrorFactory, ollama, tmp_path: Path
+) -> None:
+    """Ollama prints a registry error's body after the status; a 404's it never prints."""
+    mirror = start_mirror()
+    host = f"127.0.0.1:{mirror.port}"
+    client = ollama("errors")
+
+    missing = client.pull(f"{host}/library/nothing:here", timeout=120)
+    assert missing.returncode != 0
+    assert _error_line(missing) == ("Error: pull model manifest: 400: library/nothing:here is not in the upstream "
+                                    f"registry {registry.url}: check the model's name and tag")
+
+    upstream = registry.url.removeprefix("http://")
+    registry.server.stop()
+    down = client.pull(f"{host}/library/tiny:1b", timeout=120)
+    assert down.returncode != 0
+    assert _error_line(down) == (f"Error: pull model manifest: 502: the mirror cannot connect to {upstream}: "
+                                 "connection refused; check that the registry is up and that --upstream (or "
+                                 "--registry) names the right host and port")
+
+
+def test_real_client_rm_and_show_of_a_missing_model_through_ollama_host(
+    start_mirror: MirrorFactory, ollama
+) -> None:
+    mirror = start_mirror()
+    admin = ollama("admin", start=False)  # only the CLI: it talks to the mirror
+    for command in ("rm", "show"):
+        result = admin.cli(command, "nothere", host=f"127.0.0.1:{mirror.port}", timeout=60)
+        assert result.returncode != 0
+        assert _error_line(result) == "Error: model 'nothere' not found"  # as Ollama itself says it

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from playwright.sync_api import Error as PlaywrightError
 from prometheus_client.parser import text_string_to_metric_families
 
+from .conftest import MirrorFactory
 from .fakes import FakeRegistry, MirrorProcess, write_blob
 
 CHROMIUM = "/usr/bin/chromium"
@@ -56,19 +58,66 @@ def test_metrics_count_requests_cache_outcomes_and_bytes_saved(
 def test_status_json_lists_models_totals_and_setup(registry: FakeRegistry, mirror) -> None:
     layer = write_blob(registry.directory, 1_000_000, seed=82)
     manifest = registry.add_model("library/shown", "7b", [layer])
+    config = json.loads(manifest)["config"]
     with httpx.Client(base_url=mirror.url(), timeout=30) as client:
         client.get("/v2/library/shown/manifests/7b")
         client.get(f"/v2/library/shown/blobs/{layer.digest}")
         client.get(f"/v2/library/shown/blobs/{layer.digest}")
+        partial = client.get("/status.json").json()  # the config blob is not fetched yet: not complete
+        client.get(f"/v2/library/shown/blobs/{config['digest']}")
         status = client.get("/status.json").json()
         assert client.get("/").text == "ollama-mirror is running"  # Ollama's probe and curl get text
         assert "<html" in client.get("/", headers={"Accept": "text/html"}).text
+    assert partial["models"] == []
+    assert partial["incomplete"] == [{"name": "shown:7b", "stored_as": f"{registry.url[7:]}/library/shown:7b",
+                                      "size": layer.size + config["size"], "cached": layer.size, "filling": False}]
+    assert partial["totals"]["hit_ratio"] == 0.5 and partial["totals"]["saved_bytes"] == layer.size
     [model] = status["models"]
-    doc = json.loads(manifest)
+    assert status["incomplete"] == []
+    assert model["name"] == "shown:7b"  # as a client names it, not host:port/library/shown:7b
     assert model["id"] == hashlib.sha256(manifest).hexdigest()[:12]
-    assert model["size"] == sum(item["size"] for item in [doc["config"], *doc["layers"]])
-    assert status["totals"]["hit_ratio"] == 0.5 and status["totals"]["saved_bytes"] == layer.size
-    assert any(f"127.0.0.1:{mirror.port}/library/" in line for line in status["setup"])
+    assert model["size"] == layer.size + config["size"]
+    assert status["totals"]["store_bytes"] == layer.size + config["size"]
+    named = next(mode for mode in status["setup"] if mode["mode"] == "named")
+    assert named["lines"][0] == f"ollama pull --insecure 127.0.0.1:{mirror.port}/library/shown:7b"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_status_json_setup_has_each_running_mode_with_a_cached_model(
+    registry: FakeRegistry, start_mirror: MirrorFactory
+) -> None:
+    layer = write_blob(registry.directory, 1000, seed=84)
+    config = json.loads(registry.add_model("library/tiny", "1b", [layer]))["config"]
+    proxy = _free_port()
+    mirror = start_mirror(upstream="https://registry.ollama.ai", registries=f"registry.ollama.ai={registry.url}",
+                          proxy_listen=f"127.0.0.1:{proxy}", tls_listen=f"127.0.0.1:{_free_port()}")
+    at = f"127.0.0.1:{mirror.port}"
+    with httpx.Client(base_url=mirror.url(), timeout=30) as client:
+        empty = {m["mode"]: m["lines"] for m in client.get("/status.json").json()["setup"]}
+        client.get("/v2/library/tiny/manifests/1b")
+        for digest in (layer.digest, config["digest"]):
+            client.get(f"/v2/library/tiny/blobs/{digest}")
+        setup = {m["mode"]: m["lines"] for m in client.get("/status.json").json()["setup"]}
+        assert client.get("/ca.crt").status_code == 200  # the line that fetches it works
+    assert empty["named"] == ["# nothing is cached yet: put a model the upstream has in place of MODEL:TAG",
+                              f"ollama pull --insecure {at}/library/MODEL:TAG",
+                              (f"ollama cp {at}/library/MODEL:TAG MODEL:TAG   # optional: the usual name "
+                               "(copies only the manifest)")]
+    trust = f"curl -o ollama-mirror-ca.crt http://{at}/ca.crt   # then trust it as a system certificate"
+    assert setup == {
+        "named": [f"ollama pull --insecure {at}/library/tiny:1b",
+                  f"ollama cp {at}/library/tiny:1b tiny:1b   # optional: the usual name (copies only the manifest)"],
+        "ollama_host": [(f"OLLAMA_HOST={at} ollama pull tiny:1b   # fill the mirror (from the mirror's host or "
+                         "--manage-clients)"), f"OLLAMA_HOST={at} ollama list   # what it holds"],
+        "proxy": [trust, (f"HTTPS_PROXY=http://127.0.0.1:{proxy} ollama serve   # or: sudo systemctl edit ollama, "
+                          "then restart it"), "ollama pull tiny:1b"],
+        "dns": ["# in the LAN's DNS, point registry.ollama.ai at 127.0.0.1", trust, "ollama pull tiny:1b"],
+    }
 
 
 @pytest.fixture
@@ -93,12 +142,17 @@ def test_status_page_in_a_real_browser_shows_a_fill_moving(
     page.goto(mirror.url() + "/")
     page.wait_for_selector("#setup:has-text('ollama pull --insecure')")
     assert page.locator("#no-fills").is_visible()
+    assert page.locator("#no-models").inner_text() == "Nothing cached yet: the first pull of a model fills it."
+    upstream = page.locator(f"#health tr[data-registry='{registry.url.removeprefix('http://')}']")
+    upstream.locator("td.state:has-text('reachable')").wait_for(timeout=10_000)  # the start-up probe
+    assert upstream.locator("td.last-error").inner_text() == "none"
 
     done = threading.Event()
 
     def pull() -> None:
         with httpx.Client(base_url=mirror.url(), timeout=120) as client:
-            client.get("/v2/library/slow/manifests/1")
+            manifest = client.get("/v2/library/slow/manifests/1").json()
+            client.get(f"/v2/library/slow/blobs/{manifest['config']['digest']}")  # small: complete at once
             client.get(f"/v2/library/slow/blobs/{layer.digest}")
         done.set()
 
@@ -106,6 +160,12 @@ def test_status_page_in_a_real_browser_shows_a_fill_moving(
     row = page.locator(f"#fills tr[data-digest='{layer.digest}']")
     row.wait_for(timeout=15_000)
     assert row.locator("td").nth(5).inner_text() == "1"  # one client waiting on this fill
+    # While its blob fills, the model is listed as not complete, never among the models.
+    partial = page.locator("#incomplete tr[data-name='slow:1']")
+    partial.wait_for(timeout=5_000)
+    assert partial.locator("td").nth(3).inner_text() == "filling"
+    assert page.locator("#models tr[data-name='slow:1']").count() == 0
+    assert "filling)" in page.locator("#store").inner_text()  # the fill is not counted as stored
     seen = []  # the bar's values while the row is there: the page refreshes itself every second
     while not done.is_set():
         with contextlib.suppress(PlaywrightError):
@@ -114,8 +174,26 @@ def test_status_page_in_a_real_browser_shows_a_fill_moving(
     assert len(set(seen)) >= 2 and seen == sorted(seen), seen  # it moved, forward only
     assert max(seen) > 0
     page.wait_for_selector("#no-fills", state="visible", timeout=10_000)
-    page.wait_for_selector("#models td:has-text('slow:1')", timeout=10_000)
+    page.wait_for_selector("#models tr[data-name='slow:1']", timeout=10_000)
+    assert page.locator("#incomplete-section").is_hidden() and page.locator("#no-models").is_hidden()
+    assert "ollama pull --insecure" in page.locator("pre[data-mode='named']").inner_text()
+    assert "/library/slow:1" in page.locator("pre[data-mode='named']").inner_text()  # the model it holds
     assert page.locator("#error").inner_text() == ""
+
+
+def test_status_page_in_a_real_browser_shows_an_unreachable_upstream(start_mirror: MirrorFactory, browser) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{sock.getsockname()[1]}"
+    mirror = start_mirror(upstream=f"http://{host}")
+    page = browser.new_page()
+    page.goto(mirror.url() + "/")
+    upstream = page.locator(f"#health tr[data-registry='{host}']")
+    upstream.locator("td.state:has-text('unreachable')").wait_for(timeout=10_000)
+    assert upstream.locator("td.reached").inner_text() == "never"
+    assert upstream.locator("td.last-error").inner_text().startswith(
+        f"the mirror cannot connect to {host}: connection refused; check that the registry is up")
+    assert page.locator("pre[data-mode='named']").inner_text().startswith("# nothing is cached yet")
 
 
 def test_admin_listener_holds_metrics_and_status(registry: FakeRegistry, tmp_path: Path) -> None:
