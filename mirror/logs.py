@@ -155,9 +155,9 @@ class AccessLog:
                 sent["status"] = message["status"]
             elif message["type"] == "http.response.body":
                 sent["bytes"] += len(message.get("body", b""))
-            elif message["type"] == zerocopy.EXTENSION:
-                sent["bytes"] += message["count"]
             await send(message)
+            if message["type"] == zerocopy.EXTENSION:
+                sent["bytes"] += message["sent"]  # what reached the socket, not what was asked
 
         try:
             await self.app(scope, receive, counting_send)

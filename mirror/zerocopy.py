@@ -8,7 +8,8 @@ extension here (``scope["extensions"]["http.response.zerocopysend"]``); a respon
 
     {"type": "http.response.zerocopysend", "file": f, "offset": o, "count": n, "more_body": True}
 
-where ``f`` has a ``fileno()``, and the kernel moves the bytes. TLS connections (transparent mode) keep the copying path:
+where ``f`` has a ``fileno()``, and the kernel moves the bytes. When the send returns,
+``message["sent"]`` holds the bytes that reached the socket (the access log counts those). TLS connections (transparent mode) keep the copying path:
 their bytes must pass through the TLS layer in user space.
 
 uvicorn also writes a response's head and its body with a ``send()`` each. For a small
@@ -100,26 +101,39 @@ class _HeadHeld:
 
 
 async def _sendfile(cycle: Any, send: Send, message: Message) -> None:
-    """Send ``count`` bytes of ``file`` from ``offset``, then let uvicorn account for them."""
+    """Send ``count`` bytes of ``file`` from ``offset``, then let uvicorn account for them.
+
+    ``message["sent"]`` tells the caller how many bytes reached the socket: fewer than ``count``
+    only when the client left, and then the response is over (uvicorn's later sends do nothing)."""
     count, more_body = message["count"], message.get("more_body", False)
+    message["sent"] = 0
     if not cycle.response_started or cycle.response_complete or cycle.chunked_encoding:
         raise RuntimeError(f"{EXTENSION} needs a started response with a Content-Length")
     if count > cycle.expected_content_length:
         raise RuntimeError("Response content longer than Content-Length")
     if not await _drained(cycle):
+        _client_left(cycle)
         return
     if count:
-        sent = await _send_all(cycle, message["file"].fileno(), message.get("offset") or 0, count)
+        sent = message["sent"] = await _send_all(cycle, message["file"].fileno(), message.get("offset") or 0, count)
         if sent < count:
-            return  # the client left: uvicorn's send below would be a no-op too
+            _client_left(cycle)
+            return
         cycle.expected_content_length -= count
     await send({"type": "http.response.body", "body": b"", "more_body": more_body})
+
+
+def _client_left(cycle: Any) -> None:
+    """The connection is going (the client hung up, or closed its side after the headers, as
+    Ollama's resolving GET does): what is left of the response is sent nowhere, quietly, as
+    uvicorn does once it has seen the connection lost."""
+    cycle.disconnected = True
 
 
 async def _drained(cycle: Any) -> bool:
     """Wait until bytes queued in the transport (headers, a part header) reached the socket,
     so ours cannot overtake them; False when the client left meanwhile."""
-    while cycle.transport.get_write_buffer_size() and not cycle.disconnected:
+    while cycle.transport.get_write_buffer_size() and not cycle.disconnected and not cycle.transport.is_closing():
         await asyncio.sleep(DRAIN_POLL)
     return not cycle.disconnected and not cycle.transport.is_closing()
 
@@ -150,7 +164,6 @@ async def _send_all(cycle: Any, file_fd: int, offset: int, count: int) -> int:
                 await _writable(loop, out.fileno())
                 continue
             except (BrokenPipeError, ConnectionError):
-                cycle.disconnected = True
                 break
             if n == 0:
                 raise OSError(f"file ended {count - sent} bytes early at offset {offset + sent}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
@@ -87,3 +88,30 @@ def test_small_answers_keep_their_order_on_one_connection(mirror: ServerThread, 
     assert b"errors" in answers[1][1]
     assert answers[2][1] == tiny.path.read_bytes()
     assert answers[4][1] == manifest.content
+
+
+def test_clients_that_hang_up_after_the_headers_are_routine(
+    mirror: ServerThread, big: Blob, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ollama's resolving GET reads the headers and closes its side: no error in the log, and the
+    bytes counted as served are those that left, not the blob's size each time."""
+    url = f"{mirror.url()}/v2/library/big/blobs/{big.digest}"
+    assert httpx.get(url, timeout=60).content == big.path.read_bytes()  # warm
+    caplog.set_level(logging.ERROR)
+    served_before = _served_bytes(mirror)
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", mirror.port)) as sock:
+            sock.sendall(f"GET /v2/library/big/blobs/{big.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            sock.shutdown(socket.SHUT_WR)  # FIN, as Go's client closes an unread body
+    time.sleep(0.5)
+    assert httpx.get(url, headers={"Range": "bytes=0-9"}).content == big.path.read_bytes()[:10]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[:3]
+    assert _served_bytes(mirror) - served_before < 10 * big.size  # 20 hang-ups never took 20 blobs
+
+
+def _served_bytes(mirror: ServerThread) -> float:
+    text = httpx.get(f"{mirror.url()}/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("ollama_mirror_served_bytes_total"))
