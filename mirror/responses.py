@@ -138,12 +138,13 @@ class BlobResponse:
     min_read = 256 << 10
     budget = 16 << 20
     active = 0  # blob bodies streaming now, in this process
-    head_wait = 10.0  # seconds the head waits for a cold blob's first byte (Ollama's stall clock is 30 s)
+    head_wait = 600.0  # at most, the head waits this long for a cold blob's first byte (the fill fails sooner)
 
-    def __init__(self, body: BlobBody, spans: list[Span] | None, location: str) -> None:
+    def __init__(self, body: BlobBody, spans: list[Span] | None, location: str, hold_head: bool = True) -> None:
         self.body = body
         self.spans = spans
         self.location = location
+        self.hold_head = hold_head  # False: the client reads only the head (Ollama's resolving GET)
         self.boundary = secrets.token_hex(16)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -153,7 +154,8 @@ class BlobResponse:
         try:
             # A fill that fails before its first byte answers an error status, not a 200 whose
             # body is cut: some clients (urllib's read(n)) take a cut body for a clean end.
-            await self.body.ready(parts[0][1].start if parts else 0, self.head_wait)
+            if self.hold_head:
+                await self.body.ready(parts[0][1].start if parts else 0, self.head_wait)
         except BaseException:
             self.body.close()
             raise

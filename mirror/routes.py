@@ -83,7 +83,10 @@ def _blob_response(request: Request, body: BlobBody) -> BlobResponse:
         body.close()
         raise
     grant = getattr(request.state, "grant", None)  # access control's capability for this blob path
-    return BlobResponse(body, spans, str(request.url.replace(query=f"grant={grant}" if grant else "")))
+    # Ollama's resolving GET reads only the head, for its Location: it gets it at once, cold or not.
+    resolving = spans is None and request.headers.get("user-agent", "").startswith("ollama/")
+    return BlobResponse(body, spans, str(request.url.replace(query=f"grant={grant}" if grant else "")),
+                        hold_head=not resolving)
 
 
 async def _cdn_blob(request: Request, registry: Registry, digest: Digest) -> Response | BlobResponse:

@@ -142,14 +142,30 @@ def _read_like_urllib(url: str) -> tuple[int, int, int]:
         conn.close()
 
 
+@pytest.mark.parametrize("retry_after", [0, 4], ids=["fails fast", "fails after 12 s of retries"])
 def test_fill_failing_before_its_first_byte_answers_an_error_status(
-    proxy: FaultProxy, blob: Blob, start_mirror: MirrorFactory
+    proxy: FaultProxy, blob: Blob, start_mirror: MirrorFactory, retry_after: int
 ) -> None:
-    """Never a 200 whose body ends early: a client that reads with read(n) would take it for a whole blob."""
-    proxy.inject(ProxyFault("status", status=500, times=-1))
+    """Never a 200 whose body ends early: a client that reads with read(n) would take it for a whole
+    blob. However long the fill tries before it gives up, the head waits for it."""
+    proxy.inject(ProxyFault("status", status=503, times=-1,
+                            headers={"Retry-After": str(retry_after)} if retry_after else {}))
     mirror = start_mirror(**FAST)
     status, _, got = _read_like_urllib(f"{mirror.url()}/v2/library/faulty/blobs/{blob.digest}")
     assert status == 502 and got < 2000  # the registry's JSON error, not blob bytes
+
+
+def test_ollama_resolving_get_of_a_cold_blob_answers_at_once(
+    proxy: FaultProxy, blob: Blob, start_mirror: MirrorFactory
+) -> None:
+    """Ollama reads only the head of its GET without Range (for the Location): no waiting for bytes."""
+    proxy.inject(ProxyFault("stall", after=0, times=-1))  # the CDN never sends a byte
+    mirror = start_mirror(**FAST)
+    began = time.monotonic()
+    with httpx.stream("GET", f"{mirror.url()}/v2/library/faulty/blobs/{blob.digest}",
+                      headers={"User-Agent": "ollama/0.32.15 (amd64 linux) Go/go1.26.0"}, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["location"]
+    assert time.monotonic() - began < 2
 
 
 def test_fill_failing_after_its_first_bytes_cuts_the_body_short(
