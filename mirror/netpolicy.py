@@ -1,10 +1,12 @@
 """Where upstream connections are made: name resolution, ``--resolve`` pins, the private-address
 rule, and the socket itself, in one place, for every hop (registry, token realm, CDN, redirects).
 
-The rule: the configured registry host may be anything. When that registry resolves to public
-addresses, every other host must resolve to public addresses or lie in ``--allow-networks``,
-so a public registry (or a CDN it sends us to) cannot point the mirror at a service on its LAN
-(SSRF). A registry on the LAN or on loopback may send us anywhere near.
+The rule: a registry on the LAN or on loopback may send us anywhere near. When the registry
+resolves to public addresses (judged once, at its first lookup), every connection must go to a
+public address or one in ``--allow-networks``: to its CDN, its token realm, any redirect, and
+the registry's own name too, so neither a public registry nor a name rebound to a private
+address later can point the mirror at a service on its LAN (SSRF). Addresses the admin pinned
+with ``--resolve`` are always allowed.
 
 The address checked is the address connected to: a name is resolved once per connection, so a
 second lookup that answers differently (DNS rebinding) is never used.
@@ -33,7 +35,7 @@ Resolver = Callable[[str], Awaitable[list[IPAddress]]]
 Classifier = Callable[[IPAddress], bool]
 
 # httpcore asks for 64 KiB per socket read; at hundreds of MB/s over several connections a fill
-# then spends its time in per-read overhead (perf-notes.md: 1 MiB reads go 1.6x faster).
+# then spends its time in per-read overhead (docs/performance.md: 1 MiB reads go 1.6x faster).
 READ_SIZE = 1 << 20
 
 
@@ -76,7 +78,7 @@ class NetPolicy:
         ``UpstreamInvalid`` when the host resolves to an address the rule refuses."""
         host = host.lower()
         found = await self._lookup(host)
-        if host == self.registry_host or not await self._public_registry():
+        if host in self._pinned or not await self._public_registry():
             return found
         for ip in found:
             if not self._allowed(ip):

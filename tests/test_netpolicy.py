@@ -196,3 +196,35 @@ def test_tls_is_verified_against_the_host_name_while_connecting_to_the_checked_a
             asyncio.run(fetch("other.test"))  # same address, a name the certificate does not carry
     finally:
         server.stop()
+
+
+def test_the_registry_name_rebound_to_a_private_address_is_refused_too(registry: FakeRegistry) -> None:
+    """A public registry's own name, answering a private address on a later lookup: the registry
+    is not exempt once it was judged public."""
+    registry_port = int(registry.url.rsplit(":", 1)[1])
+    rebound = FakeRegistry(registry.cdn, registry.cdn_url, registry.directory)
+    rebound.manifests = registry.manifests
+    server = ServerThread(rebound, host=PRIVATE, port=registry_port).start()
+    manifest = registry.add_model("library/rebind", "1", [write_blob(registry.directory, 1000, seed=176)])
+    lookups: list[str] = []
+
+    async def rebinding(host: str) -> list[IPAddress]:
+        lookups.append(host)
+        return [ipaddress.ip_address("127.0.0.1" if len(lookups) <= 2 else PRIVATE)]
+
+    async def twice() -> bytes:
+        upstream = Upstream(f"http://registry.test:{registry_port}", resolve=rebinding, is_public=loopback_is_public)
+        try:
+            first = (await upstream.get_manifest(Name.parse("library/rebind"), "1", {})).data
+            await upstream.aclose()  # the next request opens a new connection, looked up anew
+            with pytest.raises(UpstreamInvalid, match=r"registry\.test \(127\.0\.0\.2\)"):
+                await upstream.get_manifest(Name.parse("library/rebind"), "1", {})
+            return first
+        finally:
+            await upstream.aclose()
+
+    try:
+        assert asyncio.run(twice()) == manifest
+    finally:
+        server.stop()
+    assert rebound.requests == []
