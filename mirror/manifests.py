@@ -208,7 +208,8 @@ class ManifestService:
     async def _drop_memory_if_changed(self) -> None:
         """Another process (``ollama-mirror rm``, ``gc``, ``import``, ``pull``) may have changed the
         tags on disk: at most once a second, compare the store's generation, and when it moved,
-        forget every tag, so each is read from disk again. Manifests by digest never change."""
+        forget every tag and manifest, so each is read from disk again (a removed model's manifest
+        is not answered by its digest either)."""
         now = time.monotonic()
         if now - self._generation_checked < self.GENERATION_CHECK:
             return
@@ -219,10 +220,12 @@ class ManifestService:
                 log.info("manifest memory dropped tags=%d reason=the cache's tags changed on disk",
                          len(self._memory))
             self._memory.clear()
+            self._by_digest.clear()
             self._generation = generation
 
     async def by_digest(self, digest: Digest) -> CachedManifest:
         """A manifest by digest: only from the store, since the registry does not answer these."""
+        await self._drop_memory_if_changed()
         manifest = self._by_digest.get(digest)
         if manifest is None:
             data = await asyncio.to_thread(self._store.read_manifest_by_digest, digest)

@@ -190,6 +190,7 @@ class BlobStore:
                 removed.models.append(model)
                 log.info("removed model=%s size=%d by=%s", model, model.size, by)
         if removed.models:
+            self._forget_manifest_copies({model.digest for model in removed.models})
             self.bump_generation()
         candidates = dict.fromkeys([*(layer.digest for model in tags for layer in model.blobs), *blobs])
         keep = self.in_use(candidates, serving) if candidates else set()
@@ -204,6 +205,13 @@ class BlobStore:
                 meta.forget_access(digest)
             log.info("removed blob digest=%s bytes=%d by=%s", digest.short, size, by)
         return removed
+
+    def _forget_manifest_copies(self, digests: set[Digest]) -> None:
+        """The by-digest copies of removed manifests that no tag left on disk has: a removed model
+        is not answered by its digest (nor by a lock file pinning it) once its blobs may be gone."""
+        kept = {model.digest for model in models.list_models(self.layout)}
+        for digest in digests - kept:
+            self.layout.manifest_by_digest(digest).unlink(missing_ok=True)
 
     def _unlink_manifest(self, model: CachedModel) -> bool:
         """Remove a tag's manifest file, and its folders when left empty, as Ollama prunes; durably."""

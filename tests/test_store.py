@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import time
@@ -188,3 +189,24 @@ def test_manifest_parse_reads_blobs_in_pull_order() -> None:
     parsed = Manifest.parse(json.dumps({"schemaVersion": 2, "config": CONFIG, "layers": [layer]}).encode())
     assert [b.kind for b in parsed.blobs] == ["template", "c"]  # layers first, the config last
     assert parsed.size == 7 and parsed.media_type == "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def test_a_removed_model_is_not_answered_by_its_digest_nor_through_a_lock(
+    registry: FakeRegistry, start_mirror: MirrorFactory, tmp_path: Path
+) -> None:
+    """Its blobs may be gone: a client pulling it by digest (or by a locked tag) would fail half-way."""
+    manifest = registry.add_model("library/tiny", "1b", [write_blob(registry.directory, 1000, seed=85)])
+    digest = f"sha256:{hashlib.sha256(manifest).hexdigest()}"
+    cache = tmp_path / "cache"
+    assert cli("pull", "tiny:1b", cache=cache, upstream=registry.url).returncode == 0
+    lock = tmp_path / "models.lock"
+    freeze = cli("freeze", cache=cache, upstream=registry.url)
+    lock.write_text(freeze.stdout)
+    offline = start_mirror(offline=True, lock=lock)
+    by_digest = f"{offline.url()}/v2/library/tiny/manifests/{digest}"
+    locked = f"{offline.url()}/v2/library/tiny/manifests/1b"
+    assert httpx.get(by_digest).content == manifest and httpx.get(locked).content == manifest
+
+    assert cli("rm", "tiny:1b", cache=cache, upstream=registry.url).returncode == 0
+    assert _manifest_until(by_digest, lambda r: r.status_code != 200).status_code == 404
+    assert httpx.get(locked).json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
