@@ -24,7 +24,7 @@ from enum import Enum, auto
 from .chunks import SPLIT_MIN, ChunkMap
 from .concurrency import START, ConnectionBudget
 from .config import Settings
-from .errors import DigestMismatch, FillFailed, MirrorError, UpstreamInvalid
+from .errors import BlobUnknown, DigestMismatch, FillFailed, MirrorError, UpstreamInvalid, UpstreamRefused
 from .fds import SharedFd, in_thread
 from .fill_loop import FillLoop
 from .metadata import Metadata
@@ -134,8 +134,11 @@ class Fill:
         return SharedFd(fd)
 
     def raise_if_failed(self) -> None:
-        if self.state is FillState.FAILED:
-            raise FillFailed(f"fill of {self.digest.short} failed: {self.error}") from self.error
+        if self.state is not FillState.FAILED:
+            return
+        if isinstance(self.error, UpstreamRefused) and self.error.status == 404:
+            raise BlobUnknown(f"blob {self.digest} is unknown to upstream") from self.error
+        raise FillFailed(f"fill of {self.digest.short} failed: {self.error}") from self.error
 
     async def verified(self) -> None:
         """Return once the blob is published; raise if the fill failed."""

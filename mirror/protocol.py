@@ -38,11 +38,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout, self._check_head)
 
     def data_received(self, data: bytes) -> None:
+        if self._in_head:  # counted before parsing: a whole oversized head may come in one read
+            end = data.find(b"\r\n\r\n")
+            if self._head_bytes + (len(data) if end < 0 else end + 4) > MAX_HEAD:
+                self._refuse(431, "Request Header Fields Too Large", f"request head over {MAX_HEAD} bytes")
+                return
         super().data_received(data)
         if self._in_head and not self.transport.is_closing():  # all of it was head: no head end yet
             self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD:
-                self._refuse(431, "Request Header Fields Too Large", f"request head over {MAX_HEAD} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -27,8 +27,11 @@ class Span:
         return f"bytes {self.start}-{self.stop - 1}/{size}"
 
 
-def parse_range(header: str, size: int) -> list[Span]:
-    """The spans a ``Range`` header asks of a blob of ``size`` bytes, in request order."""
+def parse_range(header: str, size: int) -> list[Span] | None:
+    """The spans a ``Range`` header asks of a blob of ``size`` bytes, in request order; None when
+    the header is ignored: ranges adding up to more than the blob (overlapping ones, say 32 times
+    ``0-``) would make one small request cost many blobs, and RFC 9110 section 14.2 lets a server
+    ignore them and send the whole blob once."""
     unit, sep, specs = header.partition("=")
     if not sep or unit.strip().lower() != "bytes":
         raise RangeInvalid(f"malformed Range header {header[:100]!r}: expected bytes=start-end")
@@ -38,6 +41,8 @@ def parse_range(header: str, size: int) -> list[Span]:
     spans = [span for item in items if (span := _parse_one(item, size, header)) is not None]
     if not spans:
         raise RangeNotSatisfiable(size)
+    if len(spans) > 1 and sum(span.length for span in spans) > size:
+        return None
     return spans
 
 

@@ -72,6 +72,13 @@ def test_huge_request_head_is_refused_with_431(guarded: MirrorProcess) -> None:
         assert client.get(guarded.url + "/v2/").status_code == 200  # still serving
 
 
+def test_oversized_head_in_one_write_is_refused_with_431(guarded: MirrorProcess) -> None:
+    """The whole head at once, just over the limit: it must not slip through because it was parsed in one read."""
+    with socket.create_connection(_address(guarded), timeout=10) as sock:
+        sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (70 << 10) + b"\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 431")
+
+
 def test_body_on_a_get_is_ignored(registry: FakeRegistry, guarded: MirrorProcess) -> None:
     layer = write_blob(registry.directory, 10_000, seed=101)
     manifest = registry.add_model("library/body", "1", [layer])

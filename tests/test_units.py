@@ -69,6 +69,12 @@ def test_parse_range(header: str, spans: list[Span]) -> None:
     assert parse_range(header, 100) == spans
 
 
+@pytest.mark.parametrize("header", ["bytes=" + ",".join(["0-"] * 32), "bytes=0-60,40-99"])
+def test_parse_range_ignores_ranges_adding_up_to_more_than_the_blob(header: str) -> None:
+    """One request must not cost many blobs: such a header is ignored, and the whole blob sent once."""
+    assert parse_range(header, 100) is None
+
+
 @pytest.mark.parametrize("header", ["bytes=100-", "bytes=150-160", "bytes=-0"])
 def test_parse_range_unsatisfiable(header: str) -> None:
     with pytest.raises(RangeNotSatisfiable):

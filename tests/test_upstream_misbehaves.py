@@ -83,3 +83,16 @@ def test_cdn_that_ignores_range_is_read_in_one_stream(
     assert registry.cdn.bytes_by_digest[layer.digest] <= 1.05 * layer.size
     assert len([r for r in caplog.records if "one-stream" in r.getMessage()]) == 1
     assert_store_verified(tmp_path / "cache")
+
+
+def test_blob_the_registry_does_not_have_is_404_not_a_mirror_failure(
+    registry: FakeRegistry, start_mirror: MirrorFactory
+) -> None:
+    layer = write_blob(registry.directory, 5000, seed=152)
+    registry.add_model("library/ghost", "1", [layer])
+    mirror = start_mirror()
+    with httpx.Client(base_url=mirror.url(), timeout=30) as client:
+        assert client.get("/v2/library/ghost/manifests/1").status_code == 200
+        del registry.cdn.blobs[layer.digest]  # the registry lists it, yet answers 404 for it
+        got = client.get(f"/v2/library/ghost/blobs/{layer.digest}")
+    assert got.status_code == 404 and got.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
