@@ -139,7 +139,7 @@ class Mirror:
     def registry_for_request(self, host_header: str) -> Registry:
         """A request for a mirrored host (through the proxy or a DNS override) goes to that registry;
         any other Host (the mirror's own name) means the default."""
-        host = host_header.lower()
+        host = host_header.lower()  # any case: a tensor client is sent to the same host respelled
         return self.registries.get(host) or self.registries.get(re.sub(r":\d+$", "", host)) or self.default
 
 

@@ -8,6 +8,8 @@ part can ever mean anything to the filesystem but itself.
 
 from __future__ import annotations
 
+import ipaddress
+
 import re
 from dataclasses import dataclass
 
@@ -128,3 +130,38 @@ _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?")
 def is_registry_host(text: str) -> bool:
     """``registry.ollama.ai``, ``host:5000``: a host as it may stand first in a model name."""
     return bool(_HOST.fullmatch(text))
+
+
+def respelled(host: str, scheme: str) -> str:
+    """``host`` (a Host header: name or address, maybe a port) written another way that reaches
+    the same server: a name with its letters' case flipped (names are case-insensitive in DNS,
+    hosts files and certificates), an address with its default port written out or dropped, or
+    an IPv4 address as IPv4-mapped IPv6 (which Go dials over IPv4). Ollama's tensor downloader
+    takes a redirect to another host, compared as text, as the place to fetch from without
+    fetching it there and then."""
+    name, port = _host_and_port(host)
+    bare = name.strip("[]")
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        ip = None
+    if ip is None:
+        flipped = name.lower() if name == name.upper() else name.upper()
+        return f"{flipped}:{port}" if port else flipped
+    default = "443" if scheme == "https" else "80"
+    if not port:
+        return f"{name}:{default}"
+    if port == default:
+        return name
+    if ip.version == 4:
+        return f"[::ffff:{ip}]:{port}"
+    other = ip.exploded if bare != ip.exploded else ip.compressed
+    return f"[{other}]:{port}"
+
+
+def _host_and_port(host: str) -> tuple[str, str]:
+    if host.startswith("["):  # [v6]:port
+        name, _, rest = host.partition("]")
+        return name + "]", rest.removeprefix(":")
+    name, colon, port = host.rpartition(":")
+    return (name, port) if colon and port.isdigit() else (host, "")

@@ -28,6 +28,7 @@ def guarded_protocol(head_timeout: float) -> type[GuardedHttpProtocol]:
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     head_timeout = HEAD_TIMEOUT  # a subclass per server sets the configured value
+    via = ""  # how the connection reached us, for the app (request.state.via): "proxy" for HTTPS_PROXY clients
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -59,7 +60,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._in_head = False  # the timer, if armed, finds nothing to do (not re-armed per request)
         previous = self.cycle
         super().on_headers_complete()
-        if self._zero_copy and self.cycle is not None and self.cycle is not previous:
+        if self.cycle is None or self.cycle is previous:
+            return
+        if self.via:
+            self.cycle.scope.setdefault("state", {})["via"] = self.via
+        if self._zero_copy:
             zerocopy.install(self.cycle)  # before the app's task first runs
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -11,13 +11,13 @@ import re
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from .blobs import BlobBody, BlobService
 from .errors import RouteUnknown, Unsupported
 from .manifests import ManifestService
-from .names import Digest, Name, parse_tag
+from .names import Digest, Name, parse_tag, respelled
 from .ranges import parse_range
 from .responses import BlobResponse, HeadResponse, blob_headers, is_ollama, manifest_response
 
@@ -72,7 +72,33 @@ async def blob(request: Request) -> Response | BlobResponse:
     service: BlobService = _registry(request).blobs
     if request.method == "HEAD":
         return HeadResponse(blob_headers(str(digest), await service.size(name, digest)))
-    return _blob_response(request, await service.open(name, digest))
+    body = await service.open(name, digest)  # a cold blob's fill starts here, whatever is answered
+    if _tensor_resolve(request):
+        body.close()
+        request.state.cache = body.source
+        location = _location(request, respelled(request.url.netloc, request.url.scheme), direct=True)
+        return RedirectResponse(location, 307)
+    return _blob_response(request, body)
+
+
+def _tensor_resolve(request: Request) -> bool:
+    """Ollama's tensor downloader (x/transfer) reads the whole body of its first GET of a blob,
+    only to learn where to fetch it, then GETs the blob again: answered with the body, each blob
+    would cross the LAN twice, and on a cold cache the first GET would last the whole fill. A 307
+    to another host (as it compares them: the same server, spelled otherwise) is taken as the
+    answer at once, without a body."""
+    return ("range" not in request.headers and "direct" not in request.query_params
+            and request.headers.get("user-agent", "").startswith("ollama-transfer/"))
+
+
+def _location(request: Request, netloc: str | None = None, direct: bool = False) -> str:
+    """This request's URL (on ``netloc`` if given), carrying access control's capability for the
+    blob path: clients fetch there without their credentials, as from a presigned CDN URL.
+    ``direct`` marks the URL a tensor client was sent to: a GET of it is the fetch, answered with bytes."""
+    grant = getattr(request.state, "grant", None)
+    query = "&".join(part for part in (f"grant={grant}" if grant else "", "direct=1" if direct else "") if part)
+    url = request.url.replace(query=query)
+    return str(url.replace(netloc=netloc) if netloc else url)
 
 
 def _blob_response(request: Request, body: BlobBody) -> BlobResponse:
@@ -82,11 +108,9 @@ def _blob_response(request: Request, body: BlobBody) -> BlobResponse:
     except Exception:
         body.close()
         raise
-    grant = getattr(request.state, "grant", None)  # access control's capability for this blob path
     # Ollama's resolving GET reads only the head, for its Location: it gets it at once, cold or not.
     resolving = spans is None and request.headers.get("user-agent", "").startswith("ollama/")
-    return BlobResponse(body, spans, str(request.url.replace(query=f"grant={grant}" if grant else "")),
-                        hold_head=not resolving)
+    return BlobResponse(body, spans, _location(request), hold_head=not resolving)
 
 
 async def _cdn_blob(request: Request, registry: Registry, digest: Digest) -> Response | BlobResponse:

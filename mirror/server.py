@@ -139,7 +139,7 @@ class MirrorServer(uvicorn.Server):
         if self._proxy_sock is not None:
             policy = Policy(mirror.answers_for, self._settings.tunnel_hosts, self._settings.client_networks)
             self.servers.append(Acceptor(self._proxy_sock, lambda: ProxyProtocol(policy, identities,
-                                                                                 self._http_protocol)))
+                                                                                 self._proxied_protocol)))
             log.info("proxy ready url=%s answers_for=%s tunnels=%s", url_of(self._proxy_sock),
                      ",".join(sorted(mirror.registries)), ",".join(sorted(self._settings.tunnel_hosts)) or "-")
         if self._tls_sock is not None:
@@ -176,6 +176,12 @@ class MirrorServer(uvicorn.Server):
         counted in its graceful shutdown."""
         protocol: asyncio.Protocol = self.config.http_protocol_class(  # type: ignore[call-arg]
             config=self.config, server_state=self.server_state, app_state=self.lifespan.state)
+        return protocol
+
+    def _proxied_protocol(self) -> asyncio.Protocol:
+        """The same protocol, for a connection that came through the ``HTTPS_PROXY`` listener."""
+        protocol = self._http_protocol()
+        protocol.via = "proxy"  # type: ignore[attr-defined]
         return protocol
 
     def _certificate_authority(self, directory: object) -> CertificateAuthority | None:

@@ -184,24 +184,6 @@ def test_tensor_standin_resolves_then_fetches_each_blob(registry: FakeRegistry, 
     assert not registry.cdn.saw_authorization  # the token goes only to the registry's own host:port
 
 
-def test_tensor_standin_through_mirror_reads_each_blob_twice(registry: FakeRegistry, start_mirror: MirrorFactory,
-                                                             tmp_path: Path) -> None:
-    """The mirror answers the resolving GET 200 with the body: x/transfer reads it all, then GETs it again."""
-    blobs = _blobs(registry, [300_000] * 3, seed=20)
-    _tensor_model(registry, "library/img", "2", blobs)
-    mirror = start_mirror()
-    dest = tmp_path / "client"
-
-    result = asyncio.run(TensorClient(mirror.url(), dest).pull("library/img", "2"))
-
-    _assert_pulled(result, dest, blobs)
-    for blob in blobs:
-        record = result.blobs[blob.digest]
-        assert record.direct_url == f"{mirror.url()}/v2/library/img/blobs/{blob.digest}"
-        assert (record.resolve_bytes, record.received) == (blob.size, 2 * blob.size)
-        assert registry.cdn.bytes_by_digest[blob.digest] <= 1.02 * blob.size  # upstream pays once
-
-
 FAST_TIMERS = TensorOptions(slow_after=0.2, tick=0.05, stall_timeout=5.0)
 
 

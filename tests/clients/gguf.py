@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import os
 import random
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ class GgufOptions:
     retry_sleep: float = 1.0  # run: a failed part sleeps 2^try seconds
     max_retries: int = 6  # maxRetries
     connect_timeout: float = 30.0  # http.DefaultTransport's dialer
+    hosts: dict[str, str] | None = None  # the machine's /etc/hosts (or a LAN DNS override): name -> address
+    ssl_context: ssl.SSLContext | None = None  # the machine's trusted CAs (None: certifi's)
     user_agent: str = OLLAMA_USER_AGENT
 
 
@@ -131,7 +134,8 @@ class GgufClient:
         """server/images.go: PullModel (GGUF branch). Never raises: failures land in ``result.error``."""
         self.dest.mkdir(parents=True, exist_ok=True)
         result = PullResult()
-        http = GoHttp(result, connect_timeout=self.options.connect_timeout)
+        http = GoHttp(result, connect_timeout=self.options.connect_timeout, hosts=self.options.hosts,
+                      ssl_context=self.options.ssl_context)
         registry = RegistryOptions(user_agent=self.options.user_agent)
         try:
             try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class TensorOptions:
     user_agent: str = TRANSFER_USER_AGENT
     registry_user_agent: str = OLLAMA_USER_AGENT  # the manifest and token requests (server/images.go)
     connect_timeout: float | None = None  # its http.Transport sets no dial timeout
+    hosts: dict[str, str] | None = None  # the machine's /etc/hosts (or a LAN DNS override): name -> address
+    ssl_context: ssl.SSLContext | None = None  # the machine's trusted CAs (None: certifi's)
 
 
 class TransferError(Exception):
@@ -150,7 +153,8 @@ class TensorClient:
         """server/images.go: PullModel then pullWithTransfer. Never raises: failures land in ``result.error``."""
         self.dest.mkdir(parents=True, exist_ok=True)
         result = PullResult()
-        http = GoHttp(result, connect_timeout=self.options.connect_timeout)
+        http = GoHttp(result, connect_timeout=self.options.connect_timeout, hosts=self.options.hosts,
+                      ssl_context=self.options.ssl_context)
         self._registry = RegistryOptions(user_agent=self.options.registry_user_agent)
         self._token_lock = asyncio.Lock()
         self._speeds = SpeedTracker(self.options.min_samples, self.options.max_samples)

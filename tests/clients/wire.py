@@ -10,12 +10,18 @@ and strip credentials when the port changes, so requests are built here.
 
 from __future__ import annotations
 
+import ipaddress
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
+import httpcore
 import httpx
+
+from mirror.upstream import PolicyTransport
 
 GO_USER_AGENT = "Go-http-client/1.1"  # net/http: the User-Agent when the caller sets none
 REDIRECTS = (301, 302, 303, 307, 308)  # net/http: client.go redirectBehavior
@@ -115,15 +121,45 @@ class PullResult:
         return [e for e in self.events if e.kind == kind]
 
 
+class GoDialer(httpcore.AsyncNetworkBackend):
+    """How Go's net.Dial reaches a host: names in ``hosts`` first (the simulated machine's
+    /etc/hosts, or a LAN DNS override), case-insensitively; an IPv4-mapped IPv6 address over IPv4
+    (net: TCPAddr.family says AF_INET for it)."""
+
+    def __init__(self, hosts: dict[str, str] | None = None) -> None:
+        self._hosts = {name.lower(): ip for name, ip in (hosts or {}).items()}
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        host = self._hosts.get(host.lower().rstrip("."), host)
+        try:
+            mapped = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            mapped = None
+        if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
+            host = str(mapped.ipv4_mapped)
+        return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        return await self._inner.connect_unix_socket(path, timeout, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
 class GoHttp:
     """One Go http.Client (its CheckRedirect given per call) recording every hop into ``result``."""
 
-    def __init__(self, result: PullResult, *, connect_timeout: float | None) -> None:
+    def __init__(self, result: PullResult, *, connect_timeout: float | None, hosts: dict[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.result = result
         self.began = time.monotonic()
         # Go's clients have no read timeout; DefaultTransport dials for at most 30 s.
         timeout = httpx.Timeout(None, connect=connect_timeout)
-        self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None))
+        transport = PolicyTransport(GoDialer(hosts), max_connections=1000, ssl_context=ssl_context)
+        self.client = httpx.AsyncClient(timeout=timeout, transport=transport)
 
     def now(self) -> float:
         return time.monotonic() - self.began
