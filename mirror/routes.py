@@ -7,15 +7,18 @@ registered on purpose, to answer UNSUPPORTED rather than a bare 404.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING
 
+from cachetools import LRUCache
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from .blobs import BlobBody, BlobService
 from .errors import RouteUnknown, Unsupported
+from .manifest import Manifest
 from .manifests import ManifestService
 from .names import Digest, Name, parse_tag, respelled
 from .ranges import parse_range
@@ -24,6 +27,7 @@ from .responses import BlobResponse, HeadResponse, blob_headers, is_ollama, mani
 if TYPE_CHECKING:
     from .app import Registry
 
+log = logging.getLogger("mirror.proxy")
 _CDN_BLOB = re.compile(r"sha256[:/-](?:[0-9a-f]{2}/)?([0-9a-f]{64})\b")
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -61,8 +65,25 @@ async def manifest(request: Request) -> Response:
         found, cache = answer.manifest, answer.cache
         if not head and is_ollama(request.headers):  # it shows a manifest's error, never a blob's
             await _registry(request).blobs.check_room(found.parsed)
+        if getattr(request.state, "via", "") == "proxy":
+            _warn_if_blobs_bypass_the_proxy(f"{_registry(request).host}/{name}:{reference}", found.parsed)
     request.state.cache = cache
     return manifest_response(found, head, cache)
+
+
+_bypass_warned: LRUCache[str, bool] = LRUCache(maxsize=4096)
+
+
+def _warn_if_blobs_bypass_the_proxy(model: str, parsed: Manifest) -> None:
+    """Current Ollama fetches a tensor model's blobs (x/transfer) with a transport that has no
+    proxy: only the manifest passes an ``HTTPS_PROXY`` mirror, the blobs go straight to the
+    registry and its CDN, uncached. The mirror cannot see that traffic; it says so, once per model."""
+    if model in _bypass_warned or not any(layer.kind == "tensor" for layer in parsed.layers):
+        return
+    _bypass_warned[model] = True
+    log.warning("proxy bypassed model=%s reason=a tensor model: Ollama fetches its blobs without HTTPS_PROXY, "
+                "straight from the registry, so they are not cached; DNS mode (--tls-listen with the LAN's DNS "
+                "pointing the registry at the mirror) covers them", model)
 
 
 async def blob(request: Request) -> Response | BlobResponse:

@@ -158,10 +158,11 @@ def _setup(request: Request, settings: Settings, example: _Example) -> list[dict
     note = [] if example.cached else ["# nothing is cached yet: put a model the upstream has in place of MODEL:TAG"]
     insecure = " --insecure" if request.url.scheme == "http" else ""
     modes = [
-        {"mode": "named", "title": "Named: any Ollama, the mirror in the model's name", "lines": [
+        {"mode": "named", "title": "Named: any Ollama, the mirror in the model's name", "covers": COVERS["named"], "lines": [
             *note, f"ollama pull{insecure} {named}",
             f"ollama cp {named} {short}   # optional: the usual name (copies only the manifest)"]},
-        {"mode": "ollama_host", "title": "OLLAMA_HOST: the Ollama CLI manages the mirror's cache", "lines": [
+        {"mode": "ollama_host", "title": "OLLAMA_HOST: the Ollama CLI manages the mirror's cache",
+         "covers": COVERS["ollama_host"], "lines": [
             *note, f"OLLAMA_HOST={page} ollama pull {short}   # fill the mirror"
             + ("" if settings.admin_listen else " (from the mirror's host or --manage-clients)"),
             f"OLLAMA_HOST={page} ollama list   # what it holds"]},
@@ -170,15 +171,30 @@ def _setup(request: Request, settings: Settings, example: _Example) -> list[dict
              [f"curl -o ollama-mirror-ca.crt http://{page}/ca.crt   # then trust it as a system certificate"])
     if settings.proxy_listen:
         proxy = _address(hostname, int(settings.proxy_listen.rpartition(":")[2]))
-        modes.append({"mode": "proxy", "title": "Transparent: stock names through HTTPS_PROXY", "lines": [
+        modes.append({"mode": "proxy", "title": "Transparent: stock names through HTTPS_PROXY",
+                      "covers": COVERS["proxy"], "lines": [
             *note, *trust,
             f"HTTPS_PROXY=http://{proxy} ollama serve   # or: sudo systemctl edit ollama, then restart it",
             f"ollama pull {stock}"]})
     if settings.tls_listen:
         hosts = ", ".join(sorted(h for h in settings.registry_urls if ":" not in h)) or "the mirrored hosts"
-        modes.append({"mode": "dns", "title": "Transparent: stock names through a DNS override", "lines": [
+        modes.append({"mode": "dns", "title": "Transparent: stock names through a DNS override",
+                      "covers": COVERS["dns"], "lines": [
             *note, f"# in the LAN's DNS, point {hosts} at {hostname}", *trust, f"ollama pull {stock}"]})
     return modes
+
+
+# Which of Ollama's download paths each mode serves from the cache: the GGUF path (every model that
+# is not a tensor model, every Ollama version) and the tensor path (x/transfer, safetensors models,
+# Ollama 0.32 and newer), whose blob transport has no proxy.
+COVERS = {
+    "named": "Every model, both download paths (GGUF models, and the tensor models of Ollama 0.32+): "
+             "every byte comes from the mirror.",
+    "ollama_host": "Manages the mirror's own cache: a pull here fills the mirror, for the clients that follow.",
+    "proxy": "GGUF models only. Ollama 0.32+ fetches a tensor model's blobs without HTTPS_PROXY, straight "
+             "from the registry: only their manifest passes here (the log says so); DNS mode covers them.",
+    "dns": "Every model, both download paths: every request for the registry's name reaches the mirror.",
+}
 
 
 def _address(hostname: str, port: int) -> str:

@@ -102,8 +102,13 @@ def test_status_json_setup_has_each_running_mode_with_a_cached_model(
         client.get("/v2/library/tiny/manifests/1b")
         for digest in (layer.digest, config["digest"]):
             client.get(f"/v2/library/tiny/blobs/{digest}")
-        setup = {m["mode"]: m["lines"] for m in client.get("/status.json").json()["setup"]}
+        modes = client.get("/status.json").json()["setup"]
+        setup = {m["mode"]: m["lines"] for m in modes}
+        covers = {m["mode"]: m["covers"] for m in modes}
         assert client.get("/ca.crt").status_code == 200  # the line that fetches it works
+    # which of Ollama's download paths each mode serves: the proxy cannot see tensor models' blobs
+    assert "GGUF models only" in covers["proxy"] and "DNS mode covers them" in covers["proxy"]
+    assert all("both download paths" in covers[mode] for mode in ("named", "dns"))
     assert empty["named"] == ["# nothing is cached yet: put a model the upstream has in place of MODEL:TAG",
                               f"ollama pull --insecure {at}/library/MODEL:TAG",
                               (f"ollama cp {at}/library/MODEL:TAG MODEL:TAG   # optional: the usual name "

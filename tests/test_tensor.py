@@ -24,7 +24,7 @@ from mirror.names import respelled
 from .clients.tensor import TensorClient, TensorOptions
 from .clients.wire import PullResult
 from .conftest import MirrorFactory
-from .fakes import Blob, FakeRegistry, write_blob
+from .fakes import Blob, FakeRegistry, wait_for_text, write_blob
 from .test_transparent import REGISTRY, TransparentMirror
 
 MB = 1_000_000
@@ -188,3 +188,19 @@ def test_other_clients_still_get_the_blob_from_a_get_without_range(
 def test_respelled_hosts_differ_as_text_and_reach_the_same_server(host: str, scheme: str, other: str) -> None:
     assert respelled(host, scheme) == other != host
 
+
+
+def test_proxy_mode_says_once_that_a_tensor_models_blobs_bypass_it(
+    registry: FakeRegistry, dns_mirror: TransparentMirror
+) -> None:
+    """x/transfer's transport has no proxy: through HTTPS_PROXY only its manifest reaches the mirror."""
+    _model(registry, "7", [100_000], seed=370)
+    registry.add_model("library/gguf", "1", [write_blob(registry.directory, 100_000, seed=371)])
+    context = ssl.create_default_context(cafile=str(dns_mirror.ca))
+    with httpx.Client(proxy=dns_mirror.proxy, verify=context, timeout=30) as client:
+        for _ in range(3):
+            assert client.get(f"https://{REGISTRY}/v2/library/img/manifests/7").status_code == 200
+        assert client.get(f"https://{REGISTRY}/v2/library/gguf/manifests/1").status_code == 200
+    text = wait_for_text(dns_mirror.log, "proxy bypassed")
+    lines = [line for line in text.splitlines() if "proxy bypassed" in line]
+    assert len(lines) == 1 and f"model={REGISTRY}/library/img:7" in lines[0] and "--tls-listen" in lines[0]
