@@ -35,6 +35,7 @@ from .upstream import BlobLocation, Upstream
 log = logging.getLogger("mirror.fill")
 
 WRITE_SIZE = 1 << 20  # bytes gathered from upstream before one pwrite
+WRITE_AFTER = 0.2  # ... or seconds, on a slow stream: readers see bytes soon after they came
 HASH_SIZE = 8 << 20  # bytes hashed per thread hop
 SAVE_INTERVAL = 1.0  # seconds between saves of the chunk map (only when it changed)
 SAVE_BYTES = 8 << 20  # ... or as soon as this much landed, at most four saves a second
@@ -374,15 +375,19 @@ class _Stream:
         self.written = 0
         self._pending: list[bytes] = []
         self._pending_len = 0
+        self._pending_since = 0.0
 
     def add(self, piece: bytes) -> None:
+        if not self._pending:
+            self._pending_since = time.monotonic()
         self._pending.append(piece)
         self._pending_len += len(piece)
 
     @property
     def full(self) -> bool:
-        """Enough for one write, or the end of the chunk."""
-        return self._pending_len >= WRITE_SIZE or self.position + self._pending_len >= self.chunk.stop
+        """Enough for one write, the end of the chunk, or bytes that have waited long enough."""
+        return (self._pending_len >= WRITE_SIZE or self.position + self._pending_len >= self.chunk.stop
+                or time.monotonic() - self._pending_since >= WRITE_AFTER)
 
     async def flush(self) -> bool:
         """Write what arrived; False when the stream should end here."""

@@ -21,6 +21,7 @@ import pytest
 
 from mirror.names import respelled
 
+from .clients.gguf import GgufClient, GgufOptions
 from .clients.tensor import TensorClient, TensorOptions
 from .clients.wire import PullResult
 from .conftest import MirrorFactory
@@ -204,3 +205,19 @@ def test_proxy_mode_says_once_that_a_tensor_models_blobs_bypass_it(
     text = wait_for_text(dns_mirror.log, "proxy bypassed")
     lines = [line for line in text.splitlines() if "proxy bypassed" in line]
     assert len(lines) == 1 and f"model={REGISTRY}/library/img:7" in lines[0] and "--tls-listen" in lines[0]
+
+
+def test_gguf_parts_of_a_cold_blob_all_get_bytes_in_time_under_a_tight_upstream_rate(
+    registry: FakeRegistry, start_mirror: MirrorFactory, tmp_path: Path
+) -> None:
+    """Ollama 0.32+ counts a part's 30 s from when its request is sent: 16 parts at 16 offsets of a
+    cold blob, through a mirror capped at 2 MiB/s for everything, each see bytes well within it
+    (here 8 s, the blob taking 12 s to fill)."""
+    layer = write_blob(registry.directory, 24 * MB, seed=380)
+    registry.add_model("library/gguf", "tight", [layer])
+    mirror = start_mirror(upstream_rate="2M")
+    options = GgufOptions(min_part=1_000_000, stall_timeout=8.0)
+    result = asyncio.run(GgufClient(mirror.url(), tmp_path / "client", options).pull("library/gguf", "tight"))
+    assert result.error is None, (result.error, result.events)
+    assert not result.events_of("stalled"), result.events_of("stalled")
+    assert (tmp_path / "client" / layer.digest.replace(":", "-")).read_bytes() == layer.path.read_bytes()
