@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 import uvicorn
@@ -153,9 +154,13 @@ class MirrorServer(uvicorn.Server):
         """Pause fills first: clients following a fill would otherwise hold the graceful
         shutdown open while the fill runs on, and a stop would take the full timeout."""
         mirror = getattr(self.config.app.state, "mirror", None)
+        began = time.monotonic()
         if mirror is not None:
+            fills = len(mirror.engine.active)
             await mirror.engine.close()
+            log.info("stopping fills_paused=%d seconds=%.2f; closing connections", fills, time.monotonic() - began)
         await super().shutdown(sockets=sockets)
+        log.info("stopped seconds=%.2f", time.monotonic() - began)
 
     async def _start_admin(self, sock: socket.socket) -> None:
         """The status page and /metrics on a listener of their own (e.g. 127.0.0.1 only)."""
