@@ -14,7 +14,14 @@ import httpx
 import pytest
 
 from .clients import OLLAMA_USER_AGENT, TENSOR_MEDIA_TYPE
-from .fakes import NEWER_OLLAMA_NEEDED, Blob, FakeRegistry, ServerThread, blob_from_bytes, write_blob
+from .fakes import (
+    NEWER_OLLAMA_NEEDED,
+    Blob,
+    FakeRegistry,
+    ServerThread,
+    blob_from_bytes,
+    write_blob,
+)
 
 CLI = {"User-Agent": OLLAMA_USER_AGENT}  # api/client.go: every API request says the CLI's version
 STUB = {"model_format": "", "model_family": "", "model_families": None, "model_type": "", "file_type": "",
