@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirror.names import Source, SourcedName
+
 from .clients import OLLAMA_USER_AGENT, TENSOR_MEDIA_TYPE
 from .fakes import (
     NEWER_OLLAMA_NEEDED,
@@ -146,3 +148,20 @@ def test_pull_of_a_model_too_new_for_the_cli_fails_in_ollamas_words(mirror: Serv
     lines = _pull_lines(mirror, "tiny:1b")
     assert lines == [{"status": "pulling manifest"},
                      {"error": f"pull model manifest: 412: {NEWER_OLLAMA_NEEDED.decode()}"}]
+
+
+@pytest.mark.parametrize(("typed", "pulled", "local", "source"), [
+    pytest.param("x", "library/x:latest", "library/x:latest", Source.ANY, id="plain"),
+    pytest.param("x:cloud", "library/x:cloud", "library/x:latest", Source.CLOUD, id="cloud"),
+    pytest.param("x:8b:cloud", "library/x:8b-cloud", "library/x:8b", Source.CLOUD, id="tag-cloud"),
+    pytest.param("x:8b-cloud", "library/x:8b-cloud", "library/x:8b", Source.CLOUD, id="legacy-cloud"),
+    pytest.param("X:8B:Cloud", "library/X:8B-cloud", "library/X:8B", Source.CLOUD, id="any-case"),
+    pytest.param("x:8b:local", "library/x:8b", "library/x:8b", Source.LOCAL, id="local"),
+    pytest.param("mirror.lan:11435/team/x:cloud", "mirror.lan:11435/team/x:cloud", "mirror.lan:11435/team/x:latest",
+                 Source.CLOUD, id="host-port"),
+    pytest.param("mirror.lan:11435/team/x", "mirror.lan:11435/team/x:latest", "mirror.lan:11435/team/x:latest",
+                 Source.ANY, id="port-is-no-suffix"),
+])
+def test_source_suffixes_as_modelref_takes_them(typed: str, pulled: str, local: str, source: Source) -> None:
+    sourced = SourcedName.parse(typed)
+    assert (str(sourced.pull_ref()), str(sourced.ref()), sourced.source) == (pulled, local, source)
