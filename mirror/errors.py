@@ -17,7 +17,7 @@ to HTTP statuses, so a status is decided in one place::
     │   ├── UpstreamUnavailable     connect, reset, 5xx: back off and retry
     │   ├── UpstreamStalled         no byte in time: resume from the last byte
     │   ├── UpstreamUrlExpired      CDN 401/403/410: resolve the URL again
-    │   ├── UpstreamRefused         412 and other 4xx: passed through, never cached
+    │   ├── UpstreamRefused         412 and other 4xx: passed through (a 412 is remembered per client version)
     │   ├── UpstreamInvalid         bytes that make no sense (bad manifest, short blob)
     │   └── RangeIgnored            the CDN sent the whole blob to a Range request: fill in one stream
     ├── DigestMismatch              staging discarded, waiters failed

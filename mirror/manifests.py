@@ -5,6 +5,13 @@ Tags move, so a cached tag is trusted for ``manifest_ttl`` seconds and then aske
 about again; a client waits at most ``revalidate_timeout`` for that answer
 before it gets the cached copy, marked stale. The raw bytes are kept exactly as
 upstream sent them: Ollama's model ID is their sha256.
+
+Upstream answers a tag by User-Agent (412 to an Ollama too old for the model), so what
+it answered is learned per client (``clients.TagAnswers``) and trusted for the same TTL:
+a client it refused gets that refusal again, exactly, even when a newer client has the
+tag cached; a client the mirror knows nothing about yet is asked about upstream with its
+own User-Agent. Without upstream, a learned refusal is given again, and a client nothing
+was learned about gets the cached manifest.
 """
 
 from __future__ import annotations
@@ -14,12 +21,13 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cachetools import LRUCache, TTLCache
 
+from .clients import Answer, ClientAgent, Refusal, TagAnswers
 from .config import Settings
 from .errors import ManifestUnknown, UpstreamError, UpstreamInvalid, UpstreamRefused
 from .manifest import MANIFEST_V2, Manifest, ManifestInvalid
@@ -63,6 +71,7 @@ class ManifestService:
         self._host = host  # the registry host its tags are stored under
         self._settings = settings
         self._memory: LRUCache[tuple[str, str, str], CachedManifest] = LRUCache(maxsize=4096)
+        self._answers: LRUCache[tuple[str, str, str], TagAnswers] = LRUCache(maxsize=4096)
         self._by_digest: LRUCache[Digest, CachedManifest] = LRUCache(maxsize=4096)
         self._missing: TTLCache[tuple[str, str, str], bool] = TTLCache(maxsize=4096, ttl=settings.negative_ttl)
         self._inflight: dict[tuple[object, ...], asyncio.Task[CachedManifest]] = {}
@@ -73,7 +82,8 @@ class ManifestService:
     async def by_tag(
         self, name: Name, tag: str, client_headers: Mapping[str, str], revalidate: bool = False
     ) -> ManifestAnswer:
-        """The tag's manifest; ``revalidate`` asks upstream even within the TTL (an explicit pull)."""
+        """The tag's manifest for this client; ``revalidate`` asks upstream even within the TTL (an
+        explicit pull). A client upstream refused gets the refusal, whoever else was served."""
         key = (name.namespace.lower(), name.model.lower(), tag.lower())
         if key in self._locked:
             return await self._by_lock(key, name, tag, client_headers)
@@ -81,13 +91,20 @@ class ManifestService:
         local = self._memory.get(key) or await asyncio.to_thread(self._load, name, tag)
         if local is not None:
             self._remember(key, local)
+        client = ClientAgent.parse(client_headers.get("user-agent", ""))
+        known = await self._known(key, name, tag, local, client)
         if self._settings.offline:
+            if known is not None and known.refusal is not None:
+                raise self._refused_again(name, tag, client, known, "this mirror is offline")
             if local is None:
                 raise ManifestUnknown(f"{name}:{tag} is not cached and this mirror is offline: bring it here with "
                                       "`ollama-mirror export` on a connected mirror and `ollama-mirror import`")
             return ManifestAnswer(local, "hit")
-        if local is not None and not revalidate and time.time() - local.fetched_at < self._settings.manifest_ttl:
-            return ManifestAnswer(local, "hit")
+        if known is not None and not revalidate and time.time() - known.at < self._settings.manifest_ttl:
+            if known.refusal is not None:
+                raise self._refused_again(name, tag, client, known, "learned within the TTL")
+            if local is not None:
+                return ManifestAnswer(local, "hit")
         if local is None and key in self._missing:
             raise self._unknown(name, tag)
         task = self._fetch_once(key, name, tag, client_headers)
@@ -99,16 +116,55 @@ class ManifestService:
                     self._missing[key] = True
                     raise self._unknown(name, tag) from exc
                 raise
-        return await self._revalidated(name, tag, local, task)
+            except UpstreamError as exc:
+                if known is not None and known.refusal is not None:  # upstream down: what it said before
+                    raise self._refused_again(name, tag, client, known, str(exc)) from exc
+                raise
+        return await self._revalidated(name, tag, local, task, client, known)
+
+    async def _known(self, key: tuple[str, str, str], name: Name, tag: str, local: CachedManifest | None,
+                     client: ClientAgent) -> Answer | None:
+        """What upstream last answered this client (or decided for it) about the tag, if that still
+        concerns the cached manifest."""
+        answers = await self._learned(key, name, tag)
+        if local is not None and answers.digest not in ("", str(local.digest)):
+            return None  # learned about another manifest (the cache's was replaced, by an import say)
+        return answers.answer_for(client)
+
+    async def _learned(self, key: tuple[str, str, str], name: Name, tag: str) -> TagAnswers:
+        found = self._answers.get(key)
+        if found is None:
+            stored = await asyncio.to_thread(self._meta.client_answers, self._host, name, tag)
+            found = self._answers.setdefault(key, TagAnswers.from_dict(stored))  # unless learned meanwhile
+        return found
+
+    async def _learn(self, key: tuple[str, str, str], name: Name, tag: str,
+                     change: Callable[[TagAnswers], TagAnswers]) -> None:
+        answers = change(await self._learned(key, name, tag))  # read and replaced with no await between
+        self._answers[key] = answers
+        await asyncio.to_thread(self._meta.set_client_answers, self._host, name, tag, answers.to_dict())
+
+    def _refused_again(self, name: Name, tag: str, client: ClientAgent, known: Answer,
+                       why: str) -> UpstreamRefused:
+        """Upstream's refusal for this client, given again exactly as it came."""
+        assert known.refusal is not None
+        refusal = known.refusal
+        age = time.time() - known.at
+        log.info("manifest refused name=%s tag=%s client=%s status=%d source=learned age_s=%.0f reason=%s",
+                 name, tag, client.key or "-", refusal.status, age, why)
+        return UpstreamRefused(f"upstream refused {client.key or 'this client'} {name}:{tag} with {refusal.status} "
+                               f"{age:.0f} s ago", refusal.status, refusal.body, refusal.content_type)
 
     def _unknown(self, name: Name, tag: str) -> ManifestUnknown:
         return ManifestUnknown(f"{name}:{tag} is not in the upstream registry {self._upstream.base_url}: check the "
                                "model's name and tag")
 
     async def _revalidated(
-        self, name: Name, tag: str, local: CachedManifest, task: asyncio.Task[CachedManifest]
+        self, name: Name, tag: str, local: CachedManifest, task: asyncio.Task[CachedManifest],
+        client: ClientAgent, known: Answer | None,
     ) -> ManifestAnswer:
-        """Upstream's answer if it comes in time; else the cached copy, marked stale."""
+        """Upstream's answer if it comes in time; else what was learned: a refusal again, or the
+        cached copy, marked stale."""
         try:
             fresh = await asyncio.wait_for(asyncio.shield(task), self._settings.revalidate_timeout)
             return ManifestAnswer(fresh, "revalidated")
@@ -120,21 +176,24 @@ class ManifestService:
             reason = "upstream answered 404; keeping the cached tag"
         except UpstreamError as exc:
             reason = str(exc)
+        if known is not None and known.refusal is not None:
+            raise self._refused_again(name, tag, client, known, reason)
         log.warning("manifest stale name=%s tag=%s digest=%s reason=%s", name, tag, local.digest.short, reason)
         return ManifestAnswer(local, "stale")
 
     def _fetch_once(
         self, key: tuple[str, str, str], name: Name, tag: str, client_headers: Mapping[str, str]
     ) -> asyncio.Task[CachedManifest]:
-        """One upstream request per tag (and User-Agent: the registry answers by it) at a time."""
+        """One upstream request per tag and client version at a time (the registry answers by it)."""
         headers = {
             "User-Agent": client_headers.get("user-agent", ""),
             "Accept": client_headers.get("accept") or MANIFEST_V2,
         }
-        flight = (*key, headers["User-Agent"])
+        client = ClientAgent.parse(headers["User-Agent"])
+        flight = (*key, client.key)
         task = self._inflight.get(flight)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch(key, name, tag, headers))
+            task = asyncio.get_running_loop().create_task(self._fetch(key, name, tag, headers, client))
             self._inflight[flight] = task
             task.add_done_callback(lambda t: self._landed(flight, t))
         return task
@@ -145,9 +204,17 @@ class ManifestService:
             task.exception()  # retrieved here, so an answer nobody waited for is not reported as lost
 
     async def _fetch(
-        self, key: tuple[str, str, str], name: Name, tag: str, headers: Mapping[str, str]
+        self, key: tuple[str, str, str], name: Name, tag: str, headers: Mapping[str, str], client: ClientAgent
     ) -> CachedManifest:
-        fetched = await self._upstream.get_manifest(name, tag, headers)
+        try:
+            fetched = await self._upstream.get_manifest(name, tag, headers)
+        except UpstreamRefused as exc:
+            if exc.status == 412:  # "requires a newer version of Ollama": an answer for this client only
+                refusal = Refusal(exc.status, exc.body, exc.content_type)
+                await self._learn(key, name, tag, lambda answers: answers.refused(client, refusal, time.time()))
+                log.info("manifest refused name=%s tag=%s client=%s status=%d source=upstream", name, tag,
+                         client.key or "-", exc.status)
+            raise
         try:
             parsed = Manifest.parse(fetched.data)
         except ManifestInvalid as exc:
@@ -159,6 +226,8 @@ class ManifestService:
             log.warning("manifest not cached name=%s tag=%s reason=%s; serving it from memory", name, tag, exc)
         self._remember(key, manifest)
         self._missing.pop(key, None)
+        await self._learn(key, name, tag,
+                          lambda answers: answers.accepted(client, str(manifest.digest), manifest.fetched_at))
         log.info("manifest fetched name=%s tag=%s digest=%s bytes=%d", name, tag, manifest.digest.short,
                  len(manifest.data))
         return manifest
@@ -221,6 +290,7 @@ class ManifestService:
                          len(self._memory))
             self._memory.clear()
             self._by_digest.clear()
+            self._answers.clear()  # another process may have learned answers too
             self._generation = generation
 
     async def by_digest(self, digest: Digest) -> CachedManifest:

@@ -1,4 +1,5 @@
-"""Persistent metadata in diskcache: manifest fetch times, blob sizes and access, fill progress.
+"""Persistent metadata in diskcache: manifest fetch times, what upstream answered which clients,
+blob sizes and access, fill progress.
 
 diskcache is SQLite underneath: safe across processes, and blocking, so async
 callers go through ``asyncio.to_thread``. Keys are namespaced strings.
@@ -63,6 +64,14 @@ class Metadata:
     @_best_effort
     def set_manifest(self, host: str, name: Name, tag: str, record: ManifestRecord) -> None:
         self._cache.set(self._manifest_key(host, name, tag), asdict(record))
+
+    def client_answers(self, host: str, name: Name, tag: str) -> object:
+        """What upstream answered which client versions for a tag, as ``TagAnswers.to_dict`` wrote it."""
+        return self._cache.get(f"clients:{self._model_key(host, name, tag)}")
+
+    @_best_effort
+    def set_client_answers(self, host: str, name: Name, tag: str, answers: dict[str, Any]) -> None:
+        self._cache.set(f"clients:{self._model_key(host, name, tag)}", answers)
 
     # -- blobs ------------------------------------------------------------------
 

@@ -9,9 +9,10 @@ part can ever mean anything to the filesystem but itself.
 from __future__ import annotations
 
 import ipaddress
-
+import json
 import re
 from dataclasses import dataclass
+from enum import Enum, auto
 
 from .errors import DigestInvalid, NameInvalid
 
@@ -111,6 +112,59 @@ class ModelRef:
     def __str__(self) -> str:
         prefix = f"{self.host}/" if self.host else ""
         return f"{prefix}{self.name}:{self.tag}"
+
+
+class Source(Enum):
+    """Where a name asks for the model (Ollama v0.32's internal/modelref): ``x:local``, ``x:cloud``."""
+
+    ANY = auto()  # no suffix
+    LOCAL = auto()  # ``x:local``, ``x:8b:local``: the model on this machine
+    CLOUD = auto()  # ``x:cloud``, ``x:8b:cloud``, ``x:8b-cloud``: the model ollama.com runs
+
+
+@dataclass(frozen=True, slots=True)
+class SourcedName:
+    """A name as Ollama's API takes it, with its ``:local`` or ``:cloud`` suffix taken apart.
+
+    ``base`` is the name without the suffix (``x:8b`` for ``x:8b:cloud``). The registry
+    holds a cloud model as a small tag of its own, ``x:cloud`` or ``x:8b-cloud``, which is
+    what pulling or removing a ``:cloud`` name acts on (modelref.NormalizePullName)."""
+
+    typed: str  # as the user typed it: Ollama's "model '...' not found" quotes it
+    base: str
+    source: Source
+
+    @classmethod
+    def parse(cls, text: str) -> SourcedName:
+        typed = text.strip()
+        base, source = _cut_source(typed)
+        if source is not Source.ANY and _cut_source(base)[1] is not Source.ANY:
+            raise NameInvalid(f"use either :local or :cloud, not both: {json.dumps(typed)}")  # Ollama's words
+        return cls(typed, base, source)
+
+    def ref(self) -> ModelRef:
+        """The model on this machine (``show``): the name without its suffix."""
+        return ModelRef.parse(self.base)
+
+    def pull_ref(self) -> ModelRef:
+        """The tag ``pull`` and ``rm`` act on: a ``:cloud`` name's tag in the registry's form."""
+        if self.source is not Source.CLOUD:
+            return ModelRef.parse(self.base)
+        explicit_tag = self.base.rfind(":") > self.base.rfind("/")
+        return ModelRef.parse(f"{self.base}-cloud" if explicit_tag else f"{self.base}:cloud")
+
+
+def _cut_source(text: str) -> tuple[str, Source]:
+    """modelref.parseSourceSuffix: the last ``:`` part, if it is ``local``, ``cloud`` or ``<tag>-cloud``."""
+    head, sep, suffix = text.rpartition(":")
+    if not sep:
+        return text, Source.ANY
+    lowered = suffix.strip().lower()
+    if lowered in ("local", "cloud"):
+        return head, Source.LOCAL if lowered == "local" else Source.CLOUD
+    if "/" not in suffix and lowered.endswith("-cloud"):
+        return f"{head}:{suffix.strip()[:-len('-cloud')]}", Source.CLOUD
+    return text, Source.ANY
 
 
 def typed_name(host: str, name: Name, tag: str, default_host: str) -> str:

@@ -4,6 +4,12 @@
 Errors here are Ollama's ``{"error": "..."}``, not the registry's format. Endpoints
 for inference (generate, chat, embeddings) and for writing models answer 501. Pull and
 delete change the cache: on the main listener they follow ``access.ManagePolicy``.
+
+Names take Ollama v0.32's ``:local`` and ``:cloud`` suffixes (``names.SourcedName``): pull
+and rm act on the registry's tag for a cloud model (``x:cloud``, ``x:8b-cloud``), show
+answers a ``:cloud`` name from that tag when the mirror holds it and otherwise as ollama.com
+answers a cloud model it does not have (404, the name as typed), which is what the CLI's
+``:cloud`` probe after a "not found" pull asks.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from starlette.routing import Route
 
 from . import models
 from .access import ManagePolicy
-from .errors import ManifestUnknown, MirrorError, NameInvalid
+from .clients import ClientAgent
+from .errors import ManifestUnknown, MirrorError, NameInvalid, UpstreamRefused
 from .models import CachedModel
-from .names import ModelRef
+from .names import ModelRef, Source, SourcedName
 from .responses import status_for
 
-# The client version this API was checked against; the CLI only compares it for a warning.
+# The client version this API was checked against: /api/version's answer to clients that are not Ollama.
 OLLAMA_VERSION = "0.9.3"
 
 
@@ -35,8 +42,8 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _request_model(request: Request) -> tuple[dict[str, Any], str, ModelRef]:
-    """The request's body, the model as the user typed it, and as parsed."""
+async def _request_model(request: Request) -> tuple[dict[str, Any], SourcedName]:
+    """The request's body, and the model it names, as typed and taken apart."""
     try:
         body = json.loads(await request.body() or b"{}")
     except ValueError:
@@ -44,9 +51,9 @@ async def _request_model(request: Request) -> tuple[dict[str, Any], str, ModelRe
     if not isinstance(body, dict):
         raise NameInvalid("request body is not a JSON object")
     text = body.get("model") or body.get("name")
-    if not isinstance(text, str) or not text:
+    if not isinstance(text, str) or not text.strip():
         raise NameInvalid("model is required")
-    return body, text, ModelRef.parse(text)
+    return body, SourcedName.parse(text)
 
 
 def _api_errors(handler: Any) -> Any:
@@ -66,14 +73,19 @@ def _api_errors(handler: Any) -> Any:
 
 
 def _pull_message(exc: MirrorError) -> str:
+    """Ollama's words for a failed manifest, which its CLI looks for ("file does not exist") or
+    prints (a 412's body: "requires a newer version of Ollama")."""
     if isinstance(exc, ManifestUnknown):
         return f"pull model manifest: file does not exist ({exc})"
+    if isinstance(exc, UpstreamRefused) and 400 <= exc.status < 500:
+        return f"pull model manifest: {exc.status}: {exc.body.decode('utf-8', 'replace')}"
     return str(exc)
 
 
 @_api_errors
 async def pull(request: Request) -> Response:
-    body, _, ref = await _request_model(request)
+    body, sourced = await _request_model(request)
+    ref = sourced.pull_ref()
     events = request.app.state.mirror.registry(ref.host).pulls.pull(ref, request.headers)
     if body.get("stream", True) is False:
         last: dict[str, object] = {}
@@ -101,25 +113,29 @@ async def tags(request: Request) -> Response:
 
 
 def _tag_entry(layout: Any, model: CachedModel) -> dict[str, object]:
+    config = _config(layout, model)
     return {
         "name": model.display_name,
         "model": model.display_name,
+        **_remote(config),
         "modified_at": _time(model.modified),
         "size": model.size,
         "digest": model.digest.hex,
-        "details": _details(layout, model),
+        "details": _details(config),
     }
 
 
-def _details(layout: Any, model: CachedModel) -> dict[str, object]:
-    """What the config blob says about the model; empty where it says nothing."""
+def _config(layout: Any, model: CachedModel) -> dict[str, Any]:
+    """The model's config blob; empty where it says nothing or is not cached."""
     text = models.read_blob_text(layout, model.config)
     try:
         config = json.loads(text) if text else {}
     except ValueError:
         config = {}
-    if not isinstance(config, dict):
-        config = {}
+    return config if isinstance(config, dict) else {}
+
+
+def _details(config: dict[str, Any]) -> dict[str, object]:
     return {
         "parent_model": "",
         "format": config.get("model_format", ""),
@@ -128,6 +144,13 @@ def _details(layout: Any, model: CachedModel) -> dict[str, object]:
         "parameter_size": config.get("model_type", ""),
         "quantization_level": config.get("file_type", ""),
     }
+
+
+def _remote(config: dict[str, Any]) -> dict[str, str]:
+    """A cloud model's stub says where it runs; Ollama lists and shows that (``ollama list``
+    prints ``-`` for its size), and leaves the fields out for other models."""
+    return {key: config[key] for key in ("remote_model", "remote_host") if isinstance(config.get(key), str)
+            and config[key]}
 
 
 def _time(timestamp: float) -> str:
@@ -154,29 +177,36 @@ def _host(request: Request, ref: ModelRef) -> str:
 
 @_api_errors
 async def delete(request: Request) -> Response:
-    _, typed, ref = await _request_model(request)
-    model = await _find(request, typed, ref)
+    _, sourced = await _request_model(request)
+    model = await _find(request, sourced.typed, sourced.pull_ref())
     await request.app.state.mirror.remove([model], by="api")
     return Response(status_code=200)
 
 
 @_api_errors
 async def show(request: Request) -> Response:
-    _, typed, ref = await _request_model(request)
-    model = await _find(request, typed, ref)
+    _, sourced = await _request_model(request)
+    # a cloud model: the registry's tag for it, if the mirror holds it (Ollama asks ollama.com instead)
+    ref = sourced.pull_ref() if sourced.source is Source.CLOUD else sourced.ref()
+    model = await _find(request, sourced.typed, ref)
     layout = request.app.state.layout
-    return JSONResponse(await asyncio.to_thread(_show, layout, model, str(ref)))
+    shown = await asyncio.to_thread(_show, layout, model, str(ref))
+    if sourced.source is Source.LOCAL and "remote_host" in shown:
+        raise ManifestUnknown(f"model '{sourced.typed}' not found")  # ``:local`` never means a cloud model
+    return JSONResponse(shown)
 
 
 def _show(layout: Any, model: CachedModel, name: str) -> dict[str, object]:
     """What the manifest's small layers say; fields the mirror cannot know are left out."""
+    config = _config(layout, model)
     texts: dict[str, list[str]] = {}
     for layer in model.layers:
         if layer.kind in ("template", "system", "params", "license"):
             text = models.read_blob_text(layout, layer)
             if text is not None:
                 texts.setdefault(layer.kind, []).append(text)
-    result: dict[str, object] = {"details": _details(layout, model), "modified_at": _time(model.modified)}
+    result: dict[str, object] = {"details": _details(config), **_remote(config),
+                                 "modified_at": _time(model.modified)}
     if "template" in texts:
         result["template"] = texts["template"][0]
     if "system" in texts:
@@ -225,7 +255,10 @@ def _modelfile(name: str, shown: dict[str, object]) -> str:
 
 
 async def version(request: Request) -> Response:
-    return JSONResponse({"version": OLLAMA_VERSION})
+    """The asking Ollama's own version (from its User-Agent): `ollama -v` warns when the server's
+    differs from its own, and the mirror serves every client version the registry serves it."""
+    return JSONResponse({"version": ClientAgent.parse(request.headers.get("user-agent", "")).version
+                         or OLLAMA_VERSION})
 
 
 async def not_an_inference_server(request: Request) -> Response:

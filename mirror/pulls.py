@@ -29,12 +29,14 @@ class PullService:
         answer = await self._manifests.by_tag(ref.name, ref.tag, headers, revalidate=True)
         blobs = list(answer.manifest.parsed.blobs)  # parsed once, where it was fetched or read
         fills = {layer.digest: await self._blobs.ensure(ref.name, layer.digest, layer.size) for layer in blobs}
-        async for event in self._progress(blobs, fills):
+        tensor = any(layer.kind == "tensor" for layer in blobs)  # Ollama pulls these with x/transfer
+        async for event in (self._model_progress if tensor else self._progress)(blobs, fills):
             yield event
         for fill in fills.values():
             if fill is not None:
                 await fill.verified()
-        yield {"status": "verifying sha256 digest"}
+        if not tensor:  # x/transfer hashes as it writes: no step of its own
+            yield {"status": "verifying sha256 digest"}
         yield {"status": "writing manifest"}
         yield {"status": "success"}
 
@@ -50,3 +52,21 @@ class PullService:
                     break
                 fill.raise_if_failed()
                 await asyncio.sleep(PROGRESS_INTERVAL)
+
+    async def _model_progress(self, blobs: list[Layer],
+                              fills: dict[object, Fill | None]) -> AsyncIterator[dict[str, object]]:
+        """x/transfer's one bar for the whole model (server/images.go pullWithTransfer, v0.32.15):
+        ``pulling model`` over every blob's bytes, under the digest ``sha256:model``; no bar at all
+        when every blob is there already."""
+        if all(fill is None for fill in fills.values()):
+            return
+        total = sum(layer.size for layer in blobs)
+        while True:
+            done = sum(layer.size if (fill := fills[layer.digest]) is None else fill.done_bytes for layer in blobs)
+            yield {"status": "pulling model", "digest": "sha256:model", "total": total, "completed": done}
+            if done >= total:
+                break
+            for fill in fills.values():
+                if fill is not None:
+                    fill.raise_if_failed()
+            await asyncio.sleep(PROGRESS_INTERVAL)

@@ -96,6 +96,8 @@ def _passed_through(exc: UpstreamRefused) -> Response:
         is_json = False
     if is_json:
         return Response(exc.body, exc.status, media_type="application/json")
+    if exc.status == 412:  # the registry's text for "a newer Ollama is needed": Ollama prints it as it came
+        return Response(exc.body, exc.status, media_type=exc.content_type or "text/plain; charset=utf-8")
     message = exc.body.decode("utf-8", "replace").strip()[:1000] or str(exc)
     return error_response(exc.status, "DENIED" if exc.status in (401, 403) else "UPSTREAM_ERROR", message)
 

@@ -296,6 +296,11 @@ class FakeCDN:
         await asyncio.sleep(self._shared_next - now)
 
 
+# registry.ollama.ai's answer to an Ollama too old for a model (as `ollama pull` prints it after "412: ").
+NEWER_OLLAMA_NEEDED = (b"\nThe model you are attempting to pull requires a newer version of Ollama.\n\n"
+                       b"Please download the latest version at:\n\n\thttps://ollama.com/download\n\n")
+
+
 class FakeRegistry:
     """Manifests and blob redirects, as registry.ollama.ai answers them."""
 
@@ -312,6 +317,9 @@ class FakeRegistry:
         self.manifest_delay = 0.0
         self.head_size = True  # HEAD answers 200 with the size; False: 307 like GET
         self.token_realm: str | None = None  # the realm the 401 challenge names; None: this registry's /token
+        # (name, tag) -> the oldest Ollama served it; older ones get 412, as the registry decides by User-Agent
+        self.min_ollama: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self.refused_agents: set[str] = set()  # other products ("curl") refused those tags too
 
     def add_blob(self, blob: Blob) -> Blob:
         self.cdn.blobs[blob.digest] = blob
@@ -362,13 +370,13 @@ class FakeRegistry:
             await _plain(send, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"www-authenticate": challenge})
             return
         if "/manifests/" in path:
-            await self._manifest(path, send)
+            await self._manifest(path, send, headers.get("user-agent", ""))
         elif "/blobs/" in path:
             await self._blob(path, method, send)
         else:
             await _plain(send, 404, b"404 page not found")
 
-    async def _manifest(self, path: str, send: Any) -> None:
+    async def _manifest(self, path: str, send: Any, user_agent: str = "") -> None:
         name, _, reference = path.removeprefix("/v2/").partition("/manifests/")
         if self.manifest_delay:
             await asyncio.sleep(self.manifest_delay)
@@ -380,7 +388,17 @@ class FakeRegistry:
         if data is None:  # includes every manifest by digest, as the real registry
             await _plain(send, 404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}')
             return
+        minimum = self.min_ollama.get((name, reference))
+        if minimum is not None and self._too_old(user_agent, minimum):
+            await _plain(send, 412, NEWER_OLLAMA_NEEDED, {"content-type": "text/plain; charset=utf-8"})
+            return
         await _plain(send, 200, data, {"content-type": "text/plain; charset=utf-8"})
+
+    def _too_old(self, user_agent: str, minimum: tuple[int, int, int]) -> bool:
+        version = re.match(r"ollama/(\d+)\.(\d+)\.(\d+)", user_agent)
+        if version:
+            return tuple(map(int, version.groups())) < minimum
+        return re.split(r"[/\s]", user_agent, maxsplit=1)[0].lower() in self.refused_agents
 
     async def _blob(self, path: str, method: str, send: Any) -> None:
         digest = path.rsplit("/", 1)[-1]

@@ -147,6 +147,9 @@ def test_real_cli_manages_the_mirror(registry: FakeRegistry, start_mirror: Mirro
     admin = ollama("admin", start=False)  # only the CLI: it talks to the mirror
     host = f"127.0.0.1:{mirror.port}"
 
+    result = admin.cli("-v", host=host, timeout=60)
+    assert result.returncode == 0 and "Warning" not in result.stdout + result.stderr, result.stdout
+
     result = admin.cli("pull", "tiny:1b", host=host)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "success" in result.stderr + result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from .clients import GgufClient
 from .conftest import MirrorFactory
-from .fakes import FakeRegistry, write_blob
+from .fakes import NEWER_OLLAMA_NEEDED, FakeRegistry, write_blob
 
 pytestmark = pytest.mark.real_client
 
@@ -127,3 +129,22 @@ def test_real_client_rm_and_show_of_a_missing_model_through_ollama_host(
         result = admin.cli(command, "nothere", host=f"127.0.0.1:{mirror.port}", timeout=60)
         assert result.returncode != 0
         assert _error_line(result) == "Error: model 'nothere' not found"  # as Ollama itself says it
+
+
+def test_real_client_too_old_for_a_model_gets_upstreams_412_after_a_newer_client_cached_it(
+    registry: FakeRegistry, start_mirror: MirrorFactory, ollama, tmp_path: Path
+) -> None:
+    """The registry refuses 0.9.3 a model that needs 0.30: so must the mirror, whoever cached it first."""
+    manifest = registry.add_model("library/gated", "1", [write_blob(registry.directory, 300_000, seed=14)])
+    registry.min_ollama[("library/gated", "1")] = (0, 30, 0)
+    mirror = start_mirror()
+    host = f"127.0.0.1:{mirror.port}"
+    newer = asyncio.run(GgufClient(mirror.url(), tmp_path / "newer").pull("library/gated", "1"))  # v0.32.15
+    assert newer.error is None and newer.manifest == manifest
+
+    client = ollama("old")
+    result = client.pull(f"{host}/library/gated:1", timeout=120)
+    direct = client.pull(f"{registry.url.removeprefix('http://')}/library/gated:1", timeout=120)
+    assert result.returncode != 0 and direct.returncode != 0
+    assert NEWER_OLLAMA_NEEDED.decode().strip() in result.stderr
+    assert result.stderr.splitlines()[-8:] == direct.stderr.splitlines()[-8:]  # word for word as a direct pull
