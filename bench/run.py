@@ -227,9 +227,11 @@ class Bench:
         def run() -> float:
             mirror = self.mirror(upstream=self._plain_registry())
             try:
+                first, *cold = self._cold_tags(name)
+                httpx.get(f"{mirror.url}/v2/{first}", timeout=30).raise_for_status()  # its upstream connection made
                 with ThreadPoolExecutor(1) as pool:
                     fill = pool.submit(curl, f"{mirror.url}/v2/{name}/blobs/{digest}")
-                    latencies.extend(_cold_manifests_while(fill, mirror.url, self._cold_tags(name)))
+                    latencies.extend(_cold_manifests_while(fill, mirror.url, cold))
                     result = fill.result()
                 return size / result["total"] / MB
             finally:

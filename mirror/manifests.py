@@ -75,6 +75,7 @@ class ManifestService:
         self._by_digest: LRUCache[Digest, CachedManifest] = LRUCache(maxsize=4096)
         self._missing: TTLCache[tuple[str, str, str], bool] = TTLCache(maxsize=4096, ttl=settings.negative_ttl)
         self._inflight: dict[tuple[object, ...], asyncio.Task[CachedManifest]] = {}
+        self._saving: set[asyncio.Task[None]] = set()  # writes to disk nobody waits for
         self._locked = load_lock(settings.lock, self._host) if settings.lock else {}
         self._generation: Generation | None = None  # the store's, when the memory was last trusted
         self._generation_checked = -float("inf")  # monotonic time of the last look
@@ -220,23 +221,33 @@ class ManifestService:
         except ManifestInvalid as exc:
             raise UpstreamInvalid(f"upstream sent an invalid manifest for {name}:{tag}: {exc}") from None
         manifest = CachedManifest(parsed, time.time())
-        try:
-            await asyncio.to_thread(self._save, name, tag, manifest)
-        except (OSError, sqlite3.OperationalError) as exc:  # a full disk: serve it, uncached
-            log.warning("manifest not cached name=%s tag=%s reason=%s; serving it from memory", name, tag, exc)
         self._remember(key, manifest)
         self._missing.pop(key, None)
-        await self._learn(key, name, tag,
-                          lambda answers: answers.accepted(client, str(manifest.digest), manifest.fetched_at))
+        answers = (await self._learned(key, name, tag)).accepted(client, str(manifest.digest), manifest.fetched_at)
+        self._answers[key] = answers
+        self._meta.remember_blob_sizes(manifest.parsed.sizes)  # HEAD answers from them at once
+        self._in_background(self._save, name, tag, manifest, answers)
         log.info("manifest fetched name=%s tag=%s digest=%s bytes=%d", name, tag, manifest.digest.short,
                  len(manifest.data))
         return manifest
 
-    def _save(self, name: Name, tag: str, manifest: CachedManifest) -> None:
-        self._store.write_manifest(name, tag, manifest.data, manifest.digest, self._host)
-        self._meta.set_blob_sizes(manifest.parsed.sizes)
-        record = ManifestRecord(manifest.fetched_at, self._upstream.base_url, str(manifest.digest))
-        self._meta.set_manifest(self._host, name, tag, record)
+    def _in_background(self, save: Callable[..., None], *args: object) -> None:
+        """Write to disk without the client waiting: a manifest fsynced while fills write gigabytes
+        waits for their writeback (hundreds of ms); it is served from memory meanwhile."""
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(save, *args))
+        self._saving.add(task)
+        task.add_done_callback(self._saving.discard)
+
+    def _save(self, name: Name, tag: str, manifest: CachedManifest, answers: TagAnswers | None = None) -> None:
+        try:
+            self._store.write_manifest(name, tag, manifest.data, manifest.digest, self._host)
+            self._meta.set_blob_sizes(manifest.parsed.sizes)
+            record = ManifestRecord(manifest.fetched_at, self._upstream.base_url, str(manifest.digest))
+            self._meta.set_manifest(self._host, name, tag, record)
+            if answers is not None:
+                self._meta.set_client_answers(self._host, name, tag, answers.to_dict())
+        except (OSError, sqlite3.OperationalError) as exc:  # a full disk: served from memory, uncached
+            log.warning("manifest not cached name=%s tag=%s reason=%s; serving it from memory", name, tag, exc)
 
     def _load(self, name: Name, tag: str) -> CachedManifest | None:
         data = self._store.read_manifest(name, tag, self._host)

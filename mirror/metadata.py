@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import diskcache
+from cachetools import LRUCache
 
 from .names import Digest, Name
 
@@ -47,6 +48,7 @@ def _best_effort(write: Callable[..., None]) -> Callable[..., None]:
 class Metadata:
     def __init__(self, directory: Path) -> None:
         self._cache = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**40)
+        self._sizes: LRUCache[Digest, int] = LRUCache(maxsize=65536)  # sizes learned here, before they reach disk
 
     def close(self) -> None:
         self._cache.close()
@@ -77,16 +79,25 @@ class Metadata:
 
     def blob_size(self, digest: Digest) -> int | None:
         """The size a manifest or upstream gave for this blob: lets HEAD answer without upstream."""
+        known = self._sizes.get(digest)
+        if known is not None:
+            return known
         value = self._cache.get(f"size:{digest.hex}")
         return value if isinstance(value, int) else None
 
+    def remember_blob_sizes(self, sizes: dict[Digest, int]) -> None:
+        """Known at once, in this process, before ``set_blob_sizes`` has them on disk."""
+        self._sizes.update(sizes)
+
     @_best_effort
     def set_blob_sizes(self, sizes: dict[Digest, int]) -> None:
+        self.remember_blob_sizes(sizes)
         with self._cache.transact():
             for digest, size in sizes.items():
                 self._cache.set(f"size:{digest.hex}", size)
 
     def forget_blob_size(self, digest: Digest) -> None:
+        self._sizes.pop(digest, None)
         self._cache.delete(f"size:{digest.hex}")
 
     @_best_effort

@@ -16,7 +16,7 @@ import pytest
 from mirror.manifest import Manifest, ManifestInvalid
 
 from .conftest import MirrorFactory
-from .fakes import Blob, FakeRegistry, ServerThread, blob_from_bytes, write_blob
+from .fakes import Blob, FakeRegistry, ServerThread, blob_from_bytes, wait_for_file, write_blob
 from .test_seeding import blob_path, cli
 
 
@@ -54,7 +54,8 @@ def test_rm_command_while_serving_makes_the_server_fetch_the_tag_again(
     again = _manifest_until(url, lambda r: r.headers.get("x-cache") != "HIT")
     assert again.status_code == 200 and again.content == manifest and again.headers["x-cache"] == "MISS"
     assert registry.count("GET", "/manifests/1b") == 2  # asked upstream again, not answered from memory
-    assert (cache / "manifests" / _host(registry) / "library" / "tiny" / "1b").read_bytes() == manifest
+    # written to disk just after it was answered: a client never waits for the fsync
+    assert wait_for_file(cache / "manifests" / _host(registry) / "library" / "tiny" / "1b").read_bytes() == manifest
     assert "removed model=" in result.stderr and f"removed blob digest={weights.digest[:19]}" in result.stderr
 
 
