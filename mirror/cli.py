@@ -215,6 +215,13 @@ def _refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list
     sub.exit(2, f"{sub.prog}: {message} (`{sub.prog} --help` lists what it takes)\n")
 
 
+def _tell(text: object) -> None:
+    """A line for the person at the terminal, in one write: log lines come from a thread of their
+    own, and print's two writes (the text, then the newline) let one land in between."""
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     given = list(sys.argv[1:] if argv is None else argv)
@@ -370,8 +377,8 @@ def _resolve(layout: Layout, text: str) -> CachedModel:
                              f"in the cache have it: name one in full ({', '.join(map(str, others))})")
         if others:
             found = others[0]
-            print(f"{text}: using {found} (the cache has it under {found.host}, not under the default registry "
-                  f"{layout.host})", file=sys.stderr)
+            _tell(f"{text}: using {found} (the cache has it under {found.host}, not under the default registry "
+                  f"{layout.host})")
     if found is None:
         raise ValueError(f"{text} is not in the cache at {layout.root}: `ollama-mirror ls` lists the names it has")
     return found
@@ -396,7 +403,7 @@ async def _pull(settings: Settings, refs: list[ModelRef]) -> None:
                     if bar.done >= bar.total:
                         bar.finish()
                 elif event["status"] == "success":
-                    print(f"pulled {ref}", file=sys.stderr)
+                    _tell(f"pulled {ref}")
 
 
 def cmd_import(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
@@ -421,9 +428,9 @@ def _note_other_hosts(report: seeding.Report, settings: Settings) -> None:
     hosts = sorted({name.partition("/")[0] for name in report.models} - {settings.default_host})
     for host in hosts:
         count = sum(1 for name in report.models if name.startswith(f"{host}/"))
-        print(f"note: {count} model(s) came in under {host}, not under the default registry "
+        _tell(f"note: {count} model(s) came in under {host}, not under the default registry "
               f"{settings.default_host}: commands name them in full ({host}/...), and `serve` answers them in named "
-              f"mode with --upstream http://{host} (add --offline where it cannot be reached)", file=sys.stderr)
+              f"mode with --upstream http://{host} (add --offline where it cannot be reached)")
 
 
 def _size_of(source: Path) -> int:
@@ -485,8 +492,7 @@ def cmd_rm(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
     try:
         for text in args.models:
             removed = store.remove([_resolve(store.layout, text)], meta=meta, by="rm")
-            print(f"removed {text} and {len(removed.blobs)} blobs no other model uses ({human(removed.freed)})",
-                  file=sys.stderr)
+            _tell(f"removed {text} and {len(removed.blobs)} blobs no other model uses ({human(removed.freed)})")
     finally:
         meta.close()
 
@@ -499,7 +505,7 @@ def cmd_pin(settings: Settings, args: argparse.Namespace, cache: Cache, pinned: 
         for text in args.models:
             model = _resolve(layout, text)
             meta.set_pinned(model.host, model.name, model.tag, pinned)
-            print(f"{'pinned' if pinned else 'unpinned'} {text}", file=sys.stderr)
+            _tell(f"{'pinned' if pinned else 'unpinned'} {text}")
     finally:
         meta.close()
 
@@ -510,8 +516,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace, cache: Cache) -> No
     bad = seeding.verify_store(layout, bar.advance)
     bar.finish("bad blobs found" if bad else "all blobs verified")
     for digest, users in bad.items():
-        print(f"bad {digest}: moved to {layout.state / 'quarantine'}; breaks {', '.join(users) or 'no model'}",
-              file=sys.stderr)
+        _tell(f"bad {digest}: moved to {layout.state / 'quarantine'}; breaks {', '.join(users) or 'no model'}")
     if bad:
         sys.exit(1)
 
@@ -540,8 +545,8 @@ def cmd_gc(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
                   f"{human(chosen.blobs[digest])}")
         done = chosen if args.dry_run else eviction.execute(store, meta, chosen, by="gc")
         limit = f", low watermark {human(chosen.low)}" if high is not None else ""
-        print(f"store {human(chosen.usage)}{limit}: {'would free' if args.dry_run else 'freed'} "
-              f"{human(done.freed)} ({len(done.models)} models, {len(done.blobs)} blobs)", file=sys.stderr)
+        _tell(f"store {human(chosen.usage)}{limit}: {'would free' if args.dry_run else 'freed'} "
+              f"{human(done.freed)} ({len(done.models)} models, {len(done.blobs)} blobs)")
     finally:
         meta.close()
 
@@ -553,8 +558,7 @@ def cmd_ca(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
     if args.action == "init":
         ca = CertificateAuthority(cache.writable(create=True).state / "ca")
         created = ca.init()
-        print(f"{'created' if created else 'already there, kept'}: {ca.cert_path} (key {ca.key_path}, mode 0600)",
-              file=sys.stderr)
+        _tell(f"{'created' if created else 'already there, kept'}: {ca.cert_path} (key {ca.key_path}, mode 0600)")
         return
     ca = CertificateAuthority(cache.layout.state / "ca")
     if not ca.exists:
@@ -564,7 +568,7 @@ def cmd_ca(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
                            f"init` would make a new CA, which every client must then trust")
     sys.stdout.buffer.write(ca.certificate_pem())
     sys.stdout.flush()
-    print(_trust_instructions(settings), file=sys.stderr)
+    _tell(_trust_instructions(settings))
 
 
 def _trust_instructions(settings: Settings) -> str:
