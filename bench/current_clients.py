@@ -29,7 +29,7 @@ import httpx
 from tests.clients.gguf import GgufClient, GgufOptions
 from tests.clients.tensor import TensorClient, TensorOptions
 from tests.clients.wire import PullResult
-from tests.fakes import FakeCDN, FakeRegistry, MirrorProcess, ServerThread, write_blob
+from tests.fakes import FakeCDN, FakeRegistry, MirrorProcess, ServerThread, wait_for_text, write_blob
 
 from .peers import Nginx, ensure_tools
 
@@ -113,6 +113,8 @@ def main() -> None:
     try:
         for path in ("gguf", "tensor"):
             direct = run.measure(path, "direct", run.registry.url, lambda: 0.0, work / "d", None)
+            for folder in (f"named-{path}", f"dns-{path}"):
+                (work / folder).mkdir()
             named = MirrorProcess(work / f"named-{path}" / "cache", run.registry.url, "named")
             mirrors.append(named)
             local = f"http://localhost:{named.url.rsplit(':', 1)[1]}"
@@ -121,7 +123,7 @@ def main() -> None:
             dns = MirrorProcess(work / f"dns-{path}" / "cache", run.registry.url, "dns",
                                 "--registry", f"{REGISTRY}={run.registry.url}", "--tls-listen", "127.0.0.1:0")
             mirrors.append(dns)
-            port = int(re.findall(r"tls ready url=\S+:(\d+)", dns.log.read_text())[-1])
+            port = int(re.findall(r"tls ready url=\S+:(\d+)", wait_for_text(dns.log, r"tls ready url="))[-1])
             context = ssl.create_default_context(cafile=str(work / f"dns-{path}" / "cache" / ".mirror" / "ca" / "ca.pem"))
             run.measure(path, "dns cold", f"https://{REGISTRY}:{port}", lambda: _served(dns.url), work / "s",
                         direct, hosts={REGISTRY: "127.0.0.1"}, ssl_context=context)

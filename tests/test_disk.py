@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from mirror.metadata import Metadata
 from mirror.names import Digest, Name
@@ -149,20 +147,6 @@ def test_a_fill_the_disk_cannot_hold_is_refused_with_507(
     assert registry.cdn.bytes_by_digest.get(blob.digest, 0) == 0  # refused before any byte was fetched
     assert not blob_path(tmp_path / "cache", blob).exists()
     assert not list((tmp_path / "cache" / ".mirror" / "staging").glob("*.data"))
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 12 MB filesystem of its own (tmpfs), skipped only where mounting is impossible."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_fails_the_fill_cleanly_and_the_store_stays_consistent(
