@@ -223,22 +223,26 @@ class Bench:
         name, digest = self.model(size, seed=4)
 
         latencies: list[float] = []
+        cores: list[float] = []
 
         def run() -> float:
             mirror = self.mirror(upstream=self._plain_registry())
             try:
                 first, *cold = self._cold_tags(name)
                 httpx.get(f"{mirror.url}/v2/{first}", timeout=30).raise_for_status()  # its upstream connection made
+                cpu_before = _cpu_seconds(mirror.process.pid)
                 with ThreadPoolExecutor(1) as pool:
                     fill = pool.submit(curl, f"{mirror.url}/v2/{name}/blobs/{digest}")
                     latencies.extend(_cold_manifests_while(fill, mirror.url, cold))
                     result = fill.result()
+                cores.append((_cpu_seconds(mirror.process.pid) - cpu_before) / result["total"])
                 return size / result["total"] / MB
             finally:
                 self.retire(mirror)
 
         self.record("7_cold_fill_unthrottled_mirror", self.repeat(run), "MB/s")
         self.record("7_cold_manifest_ms_during_fill_p99", [_p99(latencies)], "ms", samples_n=len(latencies))
+        self.record("7_mirror_cores_during_fill", cores, "cores")
         dest = self.work / "download"
         url = f"{self.nginx.plain_url}/objects/{digest}"
         self.record("7_cold_fill_unthrottled_aria2c_x8", self.repeat(lambda: size / aria2c(url, dest) / MB), "MB/s")
@@ -365,6 +369,12 @@ def _dd(path: Path, size: int, settle: float) -> float:
     return elapsed
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system time the process used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _peak_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -394,6 +404,7 @@ def summarize(results: dict[str, dict[str, object]]) -> dict[str, dict[str, obje
         "7 upstream client alone MB/s": (float(r["7_upstream_client_alone"]["median"]), ">= 600 (not the limit)"),  # type: ignore
         "7 fill / aria2c -x8": (_ratio(r, "7_cold_fill_unthrottled_mirror", "7_cold_fill_unthrottled_aria2c_x8"), ">= 1.0"),
         "7 cold manifest p99 during the fill (ms)": (float(r["7_cold_manifest_ms_during_fill_p99"]["median"]), "< 100"),  # type: ignore
+        "7 mirror cores busy during the fill": (float(r["7_mirror_cores_during_fill"]["median"]), "> 1: more than one core"),  # type: ignore
         "7 new-file write, dd MB/s": (float(r["7_new_file_write_dd"]["median"]), "context: the write ceiling"),  # type: ignore
     }
     sizes = sorted(k for k in r if k.startswith("6_peak_rss_"))

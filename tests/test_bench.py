@@ -20,7 +20,8 @@ def test_bench_quick_mode_runs_and_reports_every_target(tmp_path: Path) -> None:
     for key in ("1 warm one stream / nginx", "2 warm 16 ranges / nginx", "3 cold time / aria2c -x16",
                 "4 upstream bytes / blob", "5 manifest p99 (ms)", "5 manifest req/s, held head / not held",
                 "6 peak RSS MB (big blob)", "7 unthrottled fill MB/s", "7 upstream client alone MB/s",
-                "7 new-file write, dd MB/s", "7 cold manifest p99 during the fill (ms)"):
+                "7 new-file write, dd MB/s", "7 cold manifest p99 during the fill (ms)",
+                "7 mirror cores busy during the fill"):
         assert targets[key]["value"] > 0, key
     assert report["results"]["4_ten_clients_upstream_bytes"]["median"] <= 1.05  # coalescing holds even here
     assert "docker_registry" in report["results"]
