@@ -47,7 +47,6 @@ def _shared_pipe(port: int, mb_per_s: float) -> None:
     """Bytes from the CDN's port share one htb class of ``mb_per_s``; everything else on loopback is free."""
     rate = f"{int(mb_per_s * 8)}mbit"
     for command in (
-        "ip link set lo up",
         "tc qdisc add dev lo root handle 1: htb default 10",
         "tc class add dev lo parent 1: classid 1:10 htb rate 100gbit",
         f"tc class add dev lo parent 1: classid 1:20 htb rate {rate} ceil {rate}",
@@ -72,6 +71,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     results: dict[str, object] = {"size_mb": args.size_mb}
     servers: list[object] = []
     try:
+        if args.in_namespace:  # the namespace's own loopback starts down
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
         nginx = Nginx(work, files, int(args.cdn_rate_mb * 1e6))
         servers.append(nginx)
         if args.shared_cap_mb:
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         blob = write_blob(files, args.size_mb * 1_000_000, seed=1)
         os.link(blob.path, files / blob.digest)  # the URL nginx serves: /objects/sha256:<hex>
         registry = FakeRegistry(FakeCDN(), nginx.cdn_url, files)
-        registry.add_model("library/bench", "latest", [blob])
+        config = json.loads(registry.add_model("library/bench", "latest", [blob]))["config"]["digest"]
+        os.link(files / config.replace(":", "-"), files / config)  # nginx serves the config blob too
         registry_server = ServerThread(registry).start()
         upstream = registry_server.url()
 

@@ -153,6 +153,7 @@ class MirrorProcess:
     command = ["-m", "mirror"]  # after the interpreter; a benchmark may run a variant
 
     def __init__(self, cache: Path, upstream: str, label: str, *extra: str) -> None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         self.log = cache.parent / f"mirror-{label}.log"
         self.process = subprocess.Popen(
             [sys.executable, *self.command, "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache),
