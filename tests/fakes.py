@@ -499,7 +499,9 @@ class PacedCDN(FakeCDN):
             return
 
         async def paced(message: dict[str, Any]) -> None:
-            await send(message)
+            # Wait before sending, so each piece is counted as soon as it is sent: a test that checks the
+            # counts right after its client read the last piece must not beat the count.
             await asyncio.sleep(len(message.get("body", b"")) / rate)
+            await send(message)
 
         await super()._send_range(paced, blob, start, stop, fault, gone)
