@@ -35,6 +35,7 @@ from .metadata import Metadata
 from .pulls import PullService
 from .responses import error_response, is_ollama, registry_error
 from .metrics import Metrics
+from .replicas import Replicas
 from .routes import REGISTRY_HEADER, fallback
 from .routes import routes as registry_routes
 from .store import BlobStore, Removed
@@ -153,21 +154,36 @@ async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
     removed = await asyncio.to_thread(store.sweep, meta.fills_in_progress())
     if removed:
         log.info("staging swept files=%d reason=no saved progress", len(removed))
-    engine = FillEngine(store, meta, settings)
+    replicas = await _replicas(settings)
+    engine = FillEngine(store, meta, settings, replicas)
     throttle = Throttle(settings.rate_limit) if settings.rate_limit else None
     registries = {host: _registry(host, url, store, meta, engine, settings, throttle)
                   for host, url in settings.registry_urls.items()}
     mirror = Mirror(settings, layout, store, meta, engine, registries)
     eviction_task = _start_eviction(mirror)
+    heartbeat = asyncio.get_running_loop().create_task(replicas.heartbeat(), name="heartbeat") if replicas else None
     try:
         yield mirror
     finally:
-        if eviction_task is not None:
-            eviction_task.cancel()
+        for task in (eviction_task, heartbeat):
+            if task is not None:
+                task.cancel()
         await engine.close()
         for registry in registries.values():
             await registry.upstream.aclose()
         meta.close()
+
+
+async def _replicas(settings: Settings) -> Replicas | None:
+    """With --store: the shared bucket, checked once, so a wrong bucket or key stops the start with
+    one line saying which."""
+    if not settings.store:
+        return None
+    replicas = Replicas(settings)
+    await asyncio.to_thread(replicas.bucket.check)
+    log.info("bucket ready store=%s endpoint=%s replica=%s advertise=%s blob_redirect=%s", settings.store,
+             replicas.bucket.endpoint_url, replicas.id, replicas.url, settings.blob_redirect)
+    return replicas
 
 
 TIER_PROBE_TIMEOUT = 5.0  # seconds the start waits to learn whether its upstream is another mirror
@@ -229,7 +245,7 @@ def _upstream(url: str, settings: Settings, throttle: Throttle | None, health: H
 def _registry(host: str, url: str, store: BlobStore, meta: Metadata, engine: FillEngine,
               settings: Settings, throttle: Throttle | None) -> Registry:
     upstream = _upstream(url, settings, throttle, Health(host, url, offline=settings.offline))
-    manifests = ManifestService(store, meta, upstream, settings, host)
+    manifests = ManifestService(store, meta, upstream, settings, host, engine.replicas)
     blobs = BlobService(store, meta, upstream, engine, settings)
     return Registry(host, upstream, manifests, blobs, PullService(manifests, blobs))
 

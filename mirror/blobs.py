@@ -142,15 +142,16 @@ class BlobService:
         await asyncio.to_thread(self._meta.set_blob_sizes, {digest: size})
         return size
 
-    async def open(self, name: Name, digest: Digest) -> BlobBody:
-        """A body for the blob: from disk when verified, else from its (possibly new) fill."""
+    async def open(self, name: Name, digest: Digest, from_peer: bool = False) -> BlobBody:
+        """A body for the blob: from disk when verified, else from its (possibly new) fill.
+        ``from_peer``: asked by another replica, so the fill must not turn to a peer for it."""
         fd = await asyncio.to_thread(self._store.open_blob, digest)
         if fd is not None:
             await self._touch(digest)
             return BlobBody(digest, os.fstat(fd).st_size, fd, None, self.serving)
         size = await self.size(name, digest)
         await self._check_space(digest, size)
-        fill = self._engine.start(name, digest, size, self._upstream)  # single flight: start() joins a running fill
+        fill = self._engine.start(name, digest, size, self._upstream, from_peer)  # single flight: joins a running fill
         return BlobBody(digest, fill.size, None, fill)
 
     async def open_local(self, digest: Digest) -> BlobBody:

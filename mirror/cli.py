@@ -102,6 +102,11 @@ def _parser() -> _Parser:
                                    "registry.ollama.ai=https://registry.ollama.ai; the host given for the "
                                    "--upstream URL names its tags, as for a mirror of a mirror)",
              action="append", dest="registries", metavar="HOST=URL")
+    _setting(common, "--store", "a bucket shared by mirror replicas, s3://BUCKET/PREFIX (endpoint and keys as "
+                                "for any AWS SDK: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; default: the cache "
+                                "directory alone)")
+    _setting(common, "--s3-path-style", "address the bucket in the URL path (MinIO, Ceph RGW)",
+             action="store_const", const=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = argparse.ArgumentParser(add_help=False)  # serve's options; `config` takes them too
@@ -129,6 +134,12 @@ def _parser() -> _Parser:
     _setting(serve, "--tunnel-allow", "hosts the proxy tunnels untouched, comma-separated (ollama.com)")
     _setting(serve, "--resolve", "reach an upstream host at this address (a LAN DNS override must not loop to "
                                  "us; repeatable)", action="append", metavar="HOST=IP")
+
+    _setting(serve, "--advertise-url", "the URL other replicas reach this one at, to stream a blob it is "
+                                       "filling (default: from --listen and the host name)")
+    _setting(serve, "--blob-redirect", "send a warm blob's bytes from the bucket: a 307 to a presigned URL",
+             action="store_const", const=True)
+    _setting(serve, "--replica-id", "this replica's name in the bucket (default: host:port)")
 
     def command(name: str, help: str, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=parents, help=help, description=help, epilog=ENV_NOTE)
@@ -169,7 +180,8 @@ def _parser() -> _Parser:
 SETTING_FLAGS = {"listen", "cache_dir", "upstream", "offline", "connections", "manifest_ttl", "log_level", "lock",
                  "allow_networks", "registries", "proxy_listen", "tls_listen", "tls_cert", "tls_key",
                  "tunnel_allow", "resolve", "max_size", "min_free", "upstream_connections", "upstream_rate",
-                 "allow_clients", "manage_clients", "tokens", "keys_file", "admin_listen", "log_format"}
+                 "allow_clients", "manage_clients", "tokens", "keys_file", "admin_listen", "log_format",
+                 "store", "s3_path_style", "advertise_url", "blob_redirect", "replica_id"}
 LIST_FLAGS = {"registries", "resolve", "tokens"}  # repeatable flags, joined into one comma-separated setting
 
 

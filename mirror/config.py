@@ -87,6 +87,11 @@ class Settings:
     admin_listen: str = ""  # HOST:PORT for /metrics and the status page only; empty: on the main listener
     head_timeout: float = 15.0  # seconds a client has to send a request head (slow-loris clients are dropped)
     log_format: str = "text"  # "text" or "json" (one object per line, for log shippers)
+    store: str = ""  # "s3://BUCKET/PREFIX": a bucket shared by replicas; empty: the cache directory alone
+    s3_path_style: bool = False  # bucket in the URL path (MinIO, Ceph RGW without wildcard DNS)
+    advertise_url: str = ""  # how other replicas reach this one (http://host:port); default: from --listen
+    blob_redirect: bool = False  # answer a warm blob's resolving GET with a 307 to a presigned store URL
+    replica_id: str = ""  # this replica's name in the bucket (leases, status); default: host:port
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.upstream).scheme
@@ -122,6 +127,14 @@ class Settings:
             raise SettingsError("low_watermark", f"{self.low_watermark} is not between 0 and 1: give 0.9, say")
         if self.log_format not in ("text", "json"):
             raise SettingsError("log_format", f"{self.log_format!r} is neither 'text' nor 'json'")
+        if self.store and not self.store.startswith("s3://"):
+            raise SettingsError("store", f"{self.store!r} is not a bucket URL: give s3://BUCKET/PREFIX, or leave it "
+                                         "empty for the cache directory alone")
+        if self.advertise_url and urlsplit(self.advertise_url).scheme not in ("http", "https"):
+            raise SettingsError("advertise_url", f"{self.advertise_url!r} is not an http(s) URL: give the URL other "
+                                                 "replicas reach this one at, such as http://10.0.0.5:11435")
+        if self.blob_redirect and not self.store:
+            raise SettingsError("blob_redirect", "needs a bucket to send clients to: give --store s3://BUCKET/PREFIX")
         for key in ("chunk_size", "max_retries", "upstream_connections"):
             if getattr(self, key) < 1:
                 raise SettingsError(key, f"must be at least 1, not {getattr(self, key)}")

@@ -20,17 +20,22 @@ import os
 import time
 from collections.abc import Callable
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 from .chunks import SPLIT_MIN, ChunkMap
 from .concurrency import START, ConnectionBudget
 from .config import Settings
-from .errors import BlobUnknown, DigestMismatch, FillFailed, MirrorError, UpstreamInvalid, UpstreamRefused
+from .errors import (BlobUnknown, DigestMismatch, FillFailed, MirrorError, UpstreamError, UpstreamInvalid,
+                     UpstreamRefused, UpstreamUrlExpired)
 from .fds import SharedFd, in_thread
 from .fill_loop import FillLoop
 from .metadata import Metadata
 from .names import Digest, Name
 from .store import BlobStore
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .replicas import Replicas
 
 log = logging.getLogger("mirror.fill")
 
@@ -74,6 +79,8 @@ class Fill:
         upstream: Upstream,
         settings: Settings,
         budget: ConnectionBudget | None = None,
+        replicas: Replicas | None = None,
+        from_peer: bool = False,
     ) -> None:
         self.name = name
         self.digest = digest
@@ -93,6 +100,8 @@ class Fill:
         self._told = False  # a wake-up for the readers is on its way
         self._store, self._meta, self._upstream, self._settings = store, meta, upstream, settings
         self._budget = budget or ConnectionBudget(settings.upstream_connections)
+        self._replicas, self._from_peer = replicas, from_peer
+        self.source = "upstream"  # where the bytes come from: "upstream", "bucket" or "peer <id>"
         self._lock_fd: int | None = None
         self._progress = asyncio.Event()
         self._finished = asyncio.Event()
@@ -195,8 +204,6 @@ class Fill:
 
     async def run(self) -> None:
         """Fill, verify and publish; never raises except on cancellation."""
-        from .download import Download  # the download needs the Fill type; the fill only runs one
-
         try:
             if not await self._acquire():
                 self.state = FillState.DONE  # another process published it meanwhile
@@ -204,16 +211,10 @@ class Fill:
             await asyncio.to_thread(self._open_staging)
             self.state = FillState.RUNNING
             self.tell_readers()
-            download = Download(self, self._upstream, self._settings, self._budget)
-            log.info("fill start digest=%s size=%d connections=%d resumed=%d",
-                     self.digest.short, self.size, download.workers_wanted(), self.resumed)
-            actual = await download.run()
-            self.state = FillState.VERIFYING
-            if actual != self.digest.hex:
-                raise DigestMismatch(str(self.digest), f"sha256:{actual}")
-            await in_thread(self._publish, self._staging())
-            self.state = FillState.DONE
-            self._log_done()
+            if self._replicas is None:
+                await self._download(self._upstream, self._settings)
+            else:
+                await self._download_shared(self._replicas)
         except asyncio.CancelledError:
             self._fail(FillFailed("the mirror is shutting down"))
             await asyncio.shield(asyncio.to_thread(self.save_progress))
@@ -225,6 +226,48 @@ class Fill:
             await asyncio.to_thread(self._after_failure)
         finally:
             self._close()
+
+    async def _download(self, source: Upstream, settings: Settings) -> None:
+        """Fetch every missing byte from ``source``, check the digest, publish."""
+        from .download import Download  # the download needs the Fill type; the fill only runs one
+
+        download = Download(self, source, settings, self._budget)
+        log.info("fill start digest=%s size=%d connections=%d resumed=%d source=%s",
+                 self.digest.short, self.size, download.workers_wanted(), self.map.done_bytes if self.map else 0,
+                 self.source)
+        actual = await download.run()
+        self.state = FillState.VERIFYING
+        if actual != self.digest.hex:
+            raise DigestMismatch(str(self.digest), f"sha256:{actual}")
+        await in_thread(self._publish, self._staging())
+        self.state = FillState.DONE
+        self._log_done()
+
+    async def _download_shared(self, replicas: Replicas) -> None:
+        """As ``_download``, from the source the bucket's state names (``replicas.py``): the bucket, the
+        replica filling it, or upstream under this replica's lease, then uploaded for the others.
+        A bucket or peer that fails mid-way is left for the next choice, which keeps every byte
+        already on disk: a dead peer's lease runs out and this replica takes over from there."""
+        while True:
+            source = await replicas.choose(self, self._upstream, self._from_peer)
+            self.source = source.describe()
+            replicas.filling[self.digest] = self.source
+            try:
+                async with replicas.holding(source.lease):
+                    await self._download(source.upstream, replicas.peer_settings(source, self._settings))
+                    if source.kind == "upstream":
+                        await in_thread(lambda fd: replicas.upload(self.digest, fd, self.size), self._staging())
+                return
+            except (UpstreamError, FillFailed) as exc:
+                if source.kind == "upstream" or (isinstance(exc, UpstreamError) and not exc.retryable
+                                                 and not isinstance(exc, UpstreamUrlExpired)):
+                    raise
+                log.warning("fill source lost digest=%s source=%s done=%d/%d reason=%s; choosing again",
+                            self.digest.short, self.source, self.done_bytes, self.size, exc)
+                self.state = FillState.RUNNING
+                await asyncio.sleep(1.0)
+            finally:
+                replicas.filling.pop(self.digest, None)
 
     async def _acquire(self) -> bool:
         """Own the fill across processes; False when the blob got published while we waited.
@@ -337,8 +380,9 @@ class FillEngine:
     Fills run on the fill loop (``fill_loop.py``), a thread of their own; the engine's table of
     fills, and everything readers touch, stays on the serving loop."""
 
-    def __init__(self, store: BlobStore, meta: Metadata, settings: Settings) -> None:
+    def __init__(self, store: BlobStore, meta: Metadata, settings: Settings, replicas: Replicas | None = None) -> None:
         self._store, self._meta, self._settings = store, meta, settings
+        self.replicas = replicas
         self._fills: dict[Digest, Fill] = {}
         self._loop = FillLoop()
         self._tasks: set[asyncio.Task[None]] = set()  # on the fill loop only
@@ -354,7 +398,7 @@ class FillEngine:
     def active(self) -> list[Fill]:
         return list(self._fills.values())
 
-    def start(self, name: Name, digest: Digest, size: int, upstream: Upstream) -> Fill:
+    def start(self, name: Name, digest: Digest, size: int, upstream: Upstream, from_peer: bool = False) -> Fill:
         """The running fill for ``digest``, or a new one. No await: the check and the insert are atomic.
 
         A fill that has just failed is replaced at once: the new one waits for the old one's
@@ -366,7 +410,7 @@ class FillEngine:
         if self.closed:
             raise FillFailed("the mirror is shutting down; the fill resumes when it is back")
         fill = Fill(name, digest, size, store=self._store, meta=self._meta, upstream=upstream,
-                    settings=self._settings, budget=self._budget)
+                    settings=self._settings, budget=self._budget, replicas=self.replicas, from_peer=from_peer)
         self._fills[digest] = fill
         self._upstreams.add(upstream)
         serving = asyncio.get_running_loop()
@@ -396,7 +440,7 @@ class FillEngine:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for upstream in self._upstreams:
+        for upstream in [*self._upstreams, *(self.replicas.sources() if self.replicas else [])]:
             await upstream.aclose()
 
 

@@ -33,6 +33,7 @@ from .errors import ManifestUnknown, UpstreamError, UpstreamInvalid, UpstreamRef
 from .manifest import MANIFEST_V2, Manifest, ManifestInvalid
 from .metadata import ManifestRecord, Metadata
 from .names import Digest, Name
+from .replicas import Replicas
 from .store import BlobStore, Generation
 from .upstream import Upstream
 
@@ -66,8 +67,10 @@ class ManifestAnswer:
 class ManifestService:
     GENERATION_CHECK = 1.0  # seconds between looks at the store's generation (tests lower it)
 
-    def __init__(self, store: BlobStore, meta: Metadata, upstream: Upstream, settings: Settings, host: str) -> None:
+    def __init__(self, store: BlobStore, meta: Metadata, upstream: Upstream, settings: Settings, host: str,
+                 replicas: Replicas | None = None) -> None:
         self._store, self._meta, self._upstream = store, meta, upstream
+        self._replicas = replicas  # with a shared bucket: tags are written there too, and read from it on a miss
         self._host = host  # the registry host its tags are stored under
         self._settings = settings
         self._memory: LRUCache[tuple[str, str, str], CachedManifest] = LRUCache(maxsize=4096)
@@ -248,9 +251,13 @@ class ManifestService:
                 self._meta.set_client_answers(self._host, name, tag, answers.to_dict())
         except (OSError, sqlite3.OperationalError) as exc:  # a full disk: served from memory, uncached
             log.warning("manifest not cached name=%s tag=%s reason=%s; serving it from memory", name, tag, exc)
+        if self._replicas is not None:
+            self._replicas.save_manifest(self._host, name, tag, manifest.data)
 
     def _load(self, name: Name, tag: str) -> CachedManifest | None:
         data = self._store.read_manifest(name, tag, self._host)
+        if data is None and self._replicas is not None:
+            return self._load_shared(name, tag)
         if data is None:
             return None
         try:
@@ -261,6 +268,21 @@ class ManifestService:
         record = self._meta.manifest(self._host, name, tag)
         fetched_at = record.fetched_at if record is not None and record.digest == str(parsed.digest) else 0.0
         return CachedManifest(parsed, fetched_at)
+
+    def _load_shared(self, name: Name, tag: str) -> CachedManifest | None:
+        """Another replica's copy from the bucket, kept here too. Its age is unknown here, so it is
+        revalidated as if old: served at once only when upstream cannot be asked."""
+        assert self._replicas is not None
+        data = self._replicas.load_manifest(self._host, name, tag)
+        if data is None:
+            return None
+        try:
+            parsed = Manifest.parse(data)
+        except ManifestInvalid as exc:
+            log.warning("manifest unreadable in the bucket name=%s tag=%s reason=%s", name, tag, exc)
+            return None
+        self._store.write_manifest(name, tag, data, parsed.digest, self._host)
+        return CachedManifest(parsed, 0.0)
 
     def _remember(self, key: tuple[str, str, str], manifest: CachedManifest) -> None:
         self._memory[key] = manifest

@@ -22,6 +22,7 @@ from .manifest import Manifest
 from .manifests import ManifestService
 from .names import Digest, Name, parse_tag, respelled
 from .ranges import parse_range
+from .replicas import PEER_HEADER
 from .responses import BlobResponse, HeadResponse, blob_headers, is_ollama, manifest_response
 
 if TYPE_CHECKING:
@@ -93,13 +94,31 @@ async def blob(request: Request) -> Response | BlobResponse:
     service: BlobService = _registry(request).blobs
     if request.method == "HEAD":
         return HeadResponse(blob_headers(str(digest), await service.size(name, digest)))
-    body = await service.open(name, digest)  # a cold blob's fill starts here, whatever is answered
+    redirect = await _to_bucket(request, digest)
+    if redirect is not None:
+        return redirect
+    body = await service.open(name, digest, PEER_HEADER in request.headers)  # a cold blob's fill starts here
     if _tensor_resolve(request):
         body.close()
         request.state.cache = body.source
         location = _location(request, respelled(request.url.netloc, request.url.scheme), direct=True)
         return RedirectResponse(location, 307)
     return _blob_response(request, body)
+
+
+async def _to_bucket(request: Request, digest: Digest) -> Response | None:
+    """With --blob-redirect, a resolving GET (no Range) of a blob the bucket holds gets a 307 to a
+    presigned URL of it: Ollama's clients send their parts there, so the bytes come from the object
+    store and this replica's NIC is not the ceiling. HEAD and manifests stay here."""
+    replicas = request.app.state.mirror.engine.replicas
+    if (replicas is None or not replicas.settings.blob_redirect or "range" in request.headers
+            or "direct" in request.query_params):
+        return None
+    url = await replicas.presigned(digest)
+    if url is None:
+        return None
+    request.state.cache = "bucket"
+    return RedirectResponse(url, 307)
 
 
 def _tensor_resolve(request: Request) -> bool:

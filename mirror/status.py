@@ -83,6 +83,7 @@ def _status(request: Request) -> dict[str, Any]:
         "models": [_model(mirror, m) for m in complete],
         "incomplete": [_incomplete(mirror, m, stored) for m in incomplete],
         "fills": [_fill(f) for f in fills],
+        "shared": mirror.engine.replicas.snapshot() if mirror.engine.replicas else None,
     }
 
 
@@ -126,7 +127,8 @@ def _fill(fill: Fill) -> dict[str, Any]:
     seconds = max(time.monotonic() - fill.started, 1e-3)
     model = fill.name.model if fill.name.namespace == "library" else str(fill.name)  # a blob has no tag
     return {"digest": str(fill.digest), "model": model, "size": fill.size, "done": fill.done_bytes,
-            "rate": fill.fetched / seconds, "clients": fill.waiting_clients, "state": fill.state.name.lower()}
+            "rate": fill.fetched / seconds, "clients": fill.waiting_clients, "state": fill.state.name.lower(),
+            "source": fill.source}
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,7 @@ class Upstream:
         pinned: Mapping[str, str] | None = None,
         throttle: Throttle | None = None,
         health: Health | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """``max_connections``: blob range requests, all fills together. A registry request waits
         at most ``pool_timeout`` (default: ``connect_timeout``) for one of its own connections, and
@@ -110,6 +111,7 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.health = health or Health(registry_host(self.base_url), self.base_url)  # told of every registry request
         self._throttle = throttle
+        sent = {"User-Agent": f"ollama-mirror/{__version__}", **(headers or {})}  # on every request
         self._origin = _origin(self.base_url)
         self._policy = NetPolicy(self._origin[1], allow_networks=allow_networks, pinned=pinned,
                                  resolve=resolve, is_public=is_public)
@@ -117,10 +119,10 @@ class Upstream:
         self._make_registry_client = lambda: self._client(
             transport or PolicyTransport(PolicyBackend(self._policy), max_connections=self.REGISTRY_CONNECTIONS),
             connect_timeout, min(stall_timeout, self.ANSWER_TIMEOUT),
-            connect_timeout if pool_timeout is None else pool_timeout)
+            connect_timeout if pool_timeout is None else pool_timeout, sent)
         self._make_blob_client = lambda: self._client(  # fills wait their turn for a connection
             transport or PolicyTransport(PolicyBackend(self._policy), max_connections=max_connections),
-            connect_timeout, stall_timeout, None)
+            connect_timeout, stall_timeout, None, sent)
         # Connections belong to the event loop they were made on: fills run on a loop of their own.
         self._by_loop: dict[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, httpx.AsyncClient]] = {}
         self._tokens: TTLCache[str, str] = TTLCache(maxsize=1024, ttl=240)
@@ -128,10 +130,10 @@ class Upstream:
 
     @staticmethod
     def _client(transport: httpx.AsyncBaseTransport, connect: float, stall: float,
-                pool: float | None) -> httpx.AsyncClient:
+                pool: float | None, headers: Mapping[str, str]) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             timeout=httpx.Timeout(connect, read=stall, write=connect, pool=pool),
-            headers={"User-Agent": f"ollama-mirror/{__version__}"},
+            headers=headers,
             transport=transport,
         )
 

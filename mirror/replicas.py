@@ -1,0 +1,269 @@
+"""Replicas sharing one bucket: where a fill gets its bytes, the lease that makes one replica
+fetch each blob from upstream, and the upload of what it verified.
+
+Each replica keeps its own cache directory as the working copy (clients are served from local
+disk by sendfile, and a fill writes there first); the bucket is what replicas share. For a blob
+this replica does not hold, a fill asks, in order:
+
+1. the bucket has it: fill from the bucket (presigned range GETs, hashed like any other source);
+2. no live lease names another replica: take the lease, fill from upstream, upload the verified
+   blob to the bucket, then let the lease go;
+3. another replica holds a live lease: fill from that replica, whose advertised URL streams the
+   blob as it lands there, so upstream sends each blob once however many replicas ask. If that
+   replica dies, its lease runs out within ``LEASE_TTL`` and this one takes over, resuming from
+   the bytes it already has.
+
+No source is trusted: bytes from the bucket or a peer are hashed before publish, as upstream's
+are, and only a blob this replica verified is ever uploaded under a final key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from cachetools import TTLCache
+
+from .config import Settings
+from .names import Digest, Name
+from .upstream import BlobLocation, Upstream
+
+if TYPE_CHECKING:
+    from .bucket import Bucket, Lease
+    from .fill import Fill
+
+log = logging.getLogger("mirror.replicas")
+
+LEASE_TTL = 10.0  # seconds a lease lives unless renewed: how soon a dead replica's fill is taken over
+RENEW_EVERY = 3.0
+PRESIGN_SECONDS = 900  # a presigned URL outlives any part of a pull; a new one is made per request
+HEARTBEAT_EVERY = 10.0
+PEER_HEADER = "Ollama-Mirror-Replica"  # on requests from one replica to another: never sent on to a peer
+PEER_RETRIES = 2  # a peer that fails this often is asked no more until its lease is checked again
+IN_BUCKET_SECONDS = 60.0  # how long "the bucket has this blob" is believed (rm and gc remove blobs)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one fill reads: ``kind`` is "bucket", "peer" or "upstream"; ``lease`` is held while
+    this replica fills from upstream."""
+
+    kind: str
+    upstream: Upstream
+    lease: Lease | None = None
+    peer: str = ""
+
+    def describe(self) -> str:
+        return f"peer {self.peer}" if self.kind == "peer" else self.kind
+
+
+class BucketSource(Upstream):
+    """The bucket as a blob source: range GETs on a presigned URL, presigned anew when one expires.
+    No credentials travel with the GETs: the signature is in the URL."""
+
+    def __init__(self, bucket: Bucket, settings: Settings) -> None:
+        super().__init__(bucket.endpoint_url, connect_timeout=settings.connect_timeout,
+                         stall_timeout=settings.stall_timeout, max_connections=settings.upstream_connections)
+        self._bucket = bucket
+
+    async def resolve_blob(self, name: Name, digest: Digest, version: int = 0) -> BlobLocation:
+        url = await asyncio.to_thread(self._bucket.presign_blob, digest, PRESIGN_SECONDS)
+        return BlobLocation(url, version=version + 1)
+
+
+class Replicas:
+    """This replica's view of the shared bucket."""
+
+    def __init__(self, settings: Settings, bucket: Bucket | None = None) -> None:
+        from .bucket import Bucket, BucketLocation  # boto3 is loaded only by mirrors that share a bucket
+        from .leases import Leases
+
+        self.settings = settings
+        self.bucket = bucket or Bucket.connect(BucketLocation.parse(settings.store), path_style=settings.s3_path_style)
+        self.leases = Leases(self.bucket)
+        self.id = settings.replica_id or default_replica_id(settings.listen)
+        self.url = (settings.advertise_url or default_advertise_url(settings.listen)).rstrip("/")
+        self._bucket_source = BucketSource(self.bucket, settings)
+        self._peers: dict[str, Upstream] = {}
+        self._in_bucket: TTLCache[Digest, int] = TTLCache(maxsize=65536, ttl=IN_BUCKET_SECONDS)
+        self.filling: dict[Digest, str] = {}  # blobs this replica fills, and from where (for the heartbeat)
+        self.seen: list[dict[str, Any]] = []  # every replica's last heartbeat, as of this one's last
+
+    # -- where a fill reads --------------------------------------------------------------------
+
+    async def choose(self, fill: Fill, upstream: Upstream, from_peer: bool) -> Source:
+        """The source for ``fill`` now (see the module's docstring). ``from_peer``: the fill was
+        started by another replica's request, which must not be sent back to a peer."""
+        digest = fill.digest
+        while True:
+            size = await self.blob_in_bucket(digest, fresh=True)
+            if size == fill.size:
+                return Source("bucket", self._bucket_source)
+            held = await asyncio.to_thread(self.leases.read, digest)
+            if held is None:
+                lease = await asyncio.to_thread(self.leases.acquire, digest, self.id, self.url, LEASE_TTL)
+            elif held.expired:
+                lease = await asyncio.to_thread(self.leases.take_over, held, self.id, self.url, LEASE_TTL)
+                if lease is not None:
+                    log.warning("fill take-over digest=%s from=%s reason=its lease expired (replica gone?)",
+                                digest.short, held.owner)
+            elif held.owner == self.id:  # this replica's lease from before a restart: wait for it to run out
+                await asyncio.sleep(min(max(held.expires - time.time(), 0.1), 1.0))
+                continue
+            elif from_peer:
+                log.info("fill from upstream digest=%s reason=asked by a peer while %s holds the lease",
+                         digest.short, held.owner)
+                return Source("upstream", upstream)
+            else:
+                return Source("peer", self._peer(held.url), peer=held.owner)
+            if lease is not None:
+                return Source("upstream", upstream, lease)
+            await asyncio.sleep(0.2)  # another replica took it between our look and our try: look again
+
+    def peer_settings(self, source: Source, settings: Settings) -> Settings:
+        """A peer that fails is given up on quickly: its lease decides what happens next."""
+        return replace(settings, max_retries=PEER_RETRIES) if source.kind != "upstream" else settings
+
+    def _peer(self, url: str) -> Upstream:
+        peer = self._peers.get(url)
+        if peer is None:
+            peer = self._peers[url] = Upstream(
+                url, connect_timeout=min(self.settings.connect_timeout, 3.0), stall_timeout=self.settings.stall_timeout,
+                max_connections=self.settings.upstream_connections, headers={PEER_HEADER: self.id})
+        return peer
+
+    def sources(self) -> list[Upstream]:
+        """Every upstream object this made, for closing on each loop that used them."""
+        return [self._bucket_source, *self._peers.values()]
+
+    # -- the lease, while filling from upstream -------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def holding(self, lease: Lease | None) -> AsyncIterator[None]:
+        """Renew ``lease`` until the block ends, then let it go (another replica may fill at once)."""
+        if lease is None:
+            yield
+            return
+        renewer = asyncio.get_running_loop().create_task(self._renew(lease))
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            await asyncio.shield(asyncio.to_thread(self._release, lease))
+
+    async def _renew(self, lease: Lease) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            try:
+                renewed = await asyncio.to_thread(self.leases.renew, lease, LEASE_TTL)
+            except Exception as exc:  # noqa: BLE001 - the bucket is unreachable: keep filling, try again
+                log.warning("lease renew failed digest=%s reason=%s", lease.digest, exc)
+                continue
+            if renewed is None:
+                log.warning("lease lost digest=%s reason=another replica took it over; both fill it now",
+                            lease.digest)
+                return
+            lease = renewed
+
+    def _release(self, lease: Lease) -> None:
+        try:
+            self.leases.release(lease)
+        except Exception as exc:  # noqa: BLE001 - it expires by itself
+            log.warning("lease release failed digest=%s reason=%s; it expires in %.0f s", lease.digest, exc, LEASE_TTL)
+
+    # -- the bucket's blobs ---------------------------------------------------------------------
+
+    async def blob_in_bucket(self, digest: Digest, fresh: bool = False) -> int | None:
+        """The blob's size in the bucket, or None; a found blob is believed for a minute."""
+        size = None if fresh else self._in_bucket.get(digest)
+        if size is None:
+            size = await asyncio.to_thread(self.bucket.blob_size, digest)
+            if size is not None:
+                self._in_bucket[digest] = size
+        return size
+
+    def upload(self, digest: Digest, fd: int, size: int) -> None:
+        """Put a blob this replica verified into the bucket (blocking). A failure is logged, not
+        raised: the blob is served from local disk, and the next replica to miss it fills it."""
+        started = time.monotonic()
+        try:
+            self.bucket.put_blob(digest, fd, size)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("bucket upload failed digest=%s size=%d reason=%s; other replicas fill it themselves",
+                        digest.short, size, exc)
+            return
+        self._in_bucket[digest] = size
+        seconds = max(time.monotonic() - started, 1e-6)
+        log.info("bucket upload digest=%s bytes=%d seconds=%.2f mb_s=%.1f", digest.short, size, seconds,
+                 size / seconds / 1e6)
+
+    async def presigned(self, digest: Digest) -> str | None:
+        """A presigned GET URL for a blob the bucket holds, else None."""
+        if await self.blob_in_bucket(digest) is None:
+            return None
+        return await asyncio.to_thread(self.bucket.presign_blob, digest, PRESIGN_SECONDS)
+
+
+    # -- tags, and who is here -------------------------------------------------------------------
+
+    def save_manifest(self, host: str, name: Name, tag: str, data: bytes) -> None:
+        """Blocking: the tag for the other replicas (a failure only costs them an upstream request)."""
+        try:
+            self.bucket.put_manifest(host, name, tag, data)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("bucket manifest not saved name=%s tag=%s reason=%s", name, tag, exc)
+
+    def load_manifest(self, host: str, name: Name, tag: str) -> bytes | None:
+        """Blocking: the tag as another replica saved it, or None (also when the bucket is unreachable)."""
+        try:
+            return self.bucket.get_manifest(host, name, tag)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("bucket manifest not read name=%s tag=%s reason=%s", name, tag, exc)
+            return None
+
+    async def heartbeat(self) -> None:
+        """Say in the bucket who this replica is and what it fills, and read what the others said, so
+        the status page of any replica shows them all."""
+        started = time.time()
+        while True:
+            info = {"id": self.id, "url": self.url, "started": started, "seen": time.time(),
+                    "filling": {str(d): source for d, source in self.filling.items()}}
+            try:
+                self.seen = await asyncio.to_thread(self._beat, info)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("bucket heartbeat failed replica=%s reason=%s", self.id, exc)
+            await asyncio.sleep(HEARTBEAT_EVERY)
+
+    def _beat(self, info: dict[str, Any]) -> list[dict[str, Any]]:
+        self.bucket.write_object(self.bucket.keys.replica(self.id), json.dumps(info).encode())
+        found = []
+        for key, _ in self.bucket.list_objects(self.bucket.keys.replicas):
+            with contextlib.suppress(ValueError, TypeError):
+                found.append(json.loads(self.bucket.read_object(key) or b""))
+        now = time.time()
+        return [{**r, "alive": now - float(r.get("seen", 0)) < 3 * HEARTBEAT_EVERY} for r in found]
+
+    def snapshot(self) -> dict[str, Any]:
+        """For the status page: this replica, the bucket and every replica seen there."""
+        return {"id": self.id, "url": self.url, "store": self.settings.store, "endpoint": self.bucket.endpoint_url,
+                "blob_redirect": self.settings.blob_redirect, "replicas": self.seen}
+
+
+def default_replica_id(listen: str) -> str:
+    return f"{socket.gethostname()}:{listen.rpartition(':')[2]}"
+
+
+def default_advertise_url(listen: str) -> str:
+    host, _, port = listen.rpartition(":")
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.getfqdn()
+    return f"http://{host}:{port}"

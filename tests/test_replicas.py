@@ -1,0 +1,220 @@
+"""Replicas sharing one bucket on a real S3 engine (Ceph RGW): one upstream fetch per blob between
+them, a dead filler taken over, warm pulls with upstream gone, and warm bytes from the bucket."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+
+from .fakes import Blob, FakeRegistry, MirrorProcess, assert_store_verified, write_blob
+
+MB = 1_000_000
+
+Replica = Callable[..., MirrorProcess]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def bucket_url(rgw, monkeypatch: pytest.MonkeyPatch) -> str:  # type: ignore[no-untyped-def]
+    """A fresh bucket; the replicas (child processes) find the endpoint and keys in the environment,
+    as any AWS SDK does. The endpoint is named ``localhost`` while the replicas are ``127.0.0.1``:
+    Ollama follows a redirect to the same host name, and a presigned URL is another host."""
+    endpoint = rgw.endpoint.replace("127.0.0.1", "localhost")
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": rgw.access_key,
+                       "AWS_SECRET_ACCESS_KEY": rgw.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    name = f"mirror-{uuid.uuid4().hex[:12]}"
+    _s3().create_bucket(Bucket=name)
+    return f"s3://{name}/models"
+
+
+def _s3():  # type: ignore[no-untyped-def]
+    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+                        config=boto3.session.Config(s3={"addressing_style": "path"}))
+
+
+def _bucket_objects(url: str) -> dict[str, int]:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    found = _s3().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"].removeprefix(prefix + "/"): o["Size"] for o in found}
+
+
+def _bucket_blob(url: str, digest: str) -> bytes:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    key = f"{prefix}/blobs/{digest.replace(':', '-')}"
+    return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+@pytest.fixture
+def replica(registry: FakeRegistry, bucket_url: str, tmp_path: Path) -> Iterator[Replica]:
+    """``replica(label, *flags)``: a mirror process on the shared bucket, with a cache of its own."""
+    started: list[MirrorProcess] = []
+
+    def start(label: str, *extra: str) -> MirrorProcess:
+        port = _free_port()
+        process = MirrorProcess(tmp_path / label / "cache", registry.url, label, "--listen", f"127.0.0.1:{port}",
+                                "--store", bucket_url, "--s3-path-style", "--replica-id", label,
+                                "--advertise-url", f"http://127.0.0.1:{port}", *extra)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait()
+
+
+def _get_all(url: str, results: list[bytes], errors: list[BaseException]) -> None:
+    try:
+        with httpx.Client(timeout=120) as client:
+            results.append(client.get(url).raise_for_status().content)
+    except BaseException as exc:  # noqa: BLE001 - reported by the test
+        errors.append(exc)
+
+
+def _digest_of(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+def test_ten_clients_over_two_replicas_cost_upstream_one_blob(
+        registry: FakeRegistry, replica: Replica, bucket_url: str) -> None:
+    blob = write_blob(registry.directory, 64 * MB, seed=71)
+    registry.add_model("library/shared", "1", [blob])
+    registry.cdn.rate = 4 * MB  # per connection: the fill lasts seconds, so every client joins it mid-way
+    a, b = replica("a"), replica("b")
+    results: list[bytes] = []
+    errors: list[BaseException] = []
+    threads = [threading.Thread(target=_get_all, args=(f"{(a, b)[i % 2].url}/v2/library/shared/blobs/{blob.digest}",
+                                                       results, errors)) for i in range(10)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    assert [_digest_of(r) for r in results] == [blob.digest] * 10
+    assert registry.cdn.bytes_by_digest[blob.digest] <= 1.05 * blob.size
+    deadline = time.monotonic() + 30  # the filler uploads, then lets its lease go
+    while time.monotonic() < deadline and not _uploaded(bucket_url, blob):
+        time.sleep(0.2)
+    objects = _bucket_objects(bucket_url)
+    assert objects[f"blobs/{blob.digest.replace(':', '-')}"] == blob.size
+    assert not [k for k in objects if k.startswith("leases/")]
+    assert _digest_of(_bucket_blob(bucket_url, blob.digest)) == blob.digest
+    logs = a.log.read_text() + b.log.read_text()
+    assert len(re.findall(r"fill start .*source=upstream", logs)) == 1, logs[-3000:]
+    assert re.search(r"fill start .*source=peer [ab]", logs), logs[-3000:]
+
+
+def _uploaded(url: str, blob: Blob) -> bool:
+    objects = _bucket_objects(url)
+    return f"blobs/{blob.digest.replace(':', '-')}" in objects and not any(k.startswith("leases/") for k in objects)
+
+
+def test_a_killed_filler_is_taken_over_and_nothing_unverified_reaches_the_bucket(
+        registry: FakeRegistry, replica: Replica, bucket_url: str) -> None:
+    blob = write_blob(registry.directory, 48 * MB, seed=72)
+    registry.add_model("library/kill", "1", [blob])
+    registry.cdn.rate = 1 * MB  # per connection: about 6 s on 8 connections
+    a = replica("a")
+    with httpx.stream("GET", f"{a.url}/v2/library/kill/blobs/{blob.digest}") as r:  # a takes the lease
+        assert r.status_code == 200
+    b = replica("b")
+    results: list[bytes] = []
+    errors: list[BaseException] = []
+    client = threading.Thread(target=_get_all, args=(f"{b.url}/v2/library/kill/blobs/{blob.digest}", results, errors))
+    client.start()  # b follows a
+    deadline = time.monotonic() + 60
+    while registry.cdn.bytes_by_digest.get(blob.digest, 0) < blob.size // 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    a.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert f"blobs/{blob.digest.replace(':', '-')}" not in _bucket_objects(bucket_url)
+    registry.cdn.rate = None
+    client.join(120)
+    assert not errors, errors
+    assert _digest_of(results[0]) == blob.digest
+    log = b.log.read_text()
+    took_over = re.search(r"fill take-over digest=\S+ from=a", log)
+    assert took_over, log[-3000:]
+    assert time.monotonic() - killed_at < 60
+    assert registry.cdn.bytes_by_digest[blob.digest] <= 1.5 * blob.size  # b kept what it had from a
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _uploaded(bucket_url, blob):
+        time.sleep(0.2)
+    assert _digest_of(_bucket_blob(bucket_url, blob.digest)) == blob.digest
+    for label in ("a", "b"):
+        assert_store_verified(Path(b.log).parent.parent / label / "cache")
+
+
+@pytest.mark.real_client
+def test_real_client_warm_pull_from_the_bucket_with_upstream_stopped(
+        registry: FakeRegistry, replica: Replica, bucket_url: str, ollama) -> None:  # type: ignore[no-untyped-def]
+    layer = write_blob(registry.directory, 30 * MB, seed=73)
+    registry.add_model("library/warm", "1", [layer])
+    a = replica("a")
+    first = ollama("first")
+    result = first.pull(f"127.0.0.1:{a.url.rpartition(':')[2]}/library/warm:1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _uploaded(bucket_url, layer):
+        time.sleep(0.2)
+    registry.server.stop()
+    fetched = registry.cdn.bytes_sent
+
+    b = replica("b")  # a new replica, empty cache: everything from the bucket
+    second = ollama("second")
+    name = f"127.0.0.1:{b.url.rpartition(':')[2]}/library/warm:1"
+    result = second.pull(name)
+    assert result.returncode == 0, result.stderr[-2000:]
+    pulled = second.models / "blobs" / layer.digest.replace(":", "-")
+    assert pulled.read_bytes() == layer.path.read_bytes()
+    assert registry.cdn.bytes_sent == fetched
+    assert re.search(r"fill start .*source=bucket", b.log.read_text())
+
+
+@pytest.mark.real_client
+def test_real_client_gets_warm_bytes_from_the_bucket_with_blob_redirect(
+        registry: FakeRegistry, replica: Replica, bucket_url: str, ollama) -> None:  # type: ignore[no-untyped-def]
+    layer = write_blob(registry.directory, 240 * MB, seed=74)  # three parts for Ollama 0.9.3
+    registry.add_model("library/redirect", "1", [layer])
+    a = replica("a", "--blob-redirect")
+    port = a.url.rpartition(":")[2]
+    first = ollama("first")
+    assert first.pull(f"127.0.0.1:{port}/library/redirect:1").returncode == 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _uploaded(bucket_url, layer):
+        time.sleep(0.2)
+    served_before = _served(a)
+
+    second = ollama("second")
+    result = second.pull(f"127.0.0.1:{port}/library/redirect:1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    pulled = second.models / "blobs" / layer.digest.replace(":", "-")
+    assert _digest_of(pulled.read_bytes()) == layer.digest
+    served = _served(a) - served_before
+    assert served < 0.05 * layer.size, f"the replica served {served} of {layer.size} bytes"
+
+
+def _served(mirror: MirrorProcess) -> float:
+    text = httpx.get(f"{mirror.url}/metrics").text
+    return sum(float(v) for v in re.findall(r"^ollama_mirror_served_bytes_total(?:\{[^}]*\})? (\S+)$", text, re.M))
