@@ -224,10 +224,12 @@ class ManifestService:
         except ManifestInvalid as exc:
             raise UpstreamInvalid(f"upstream sent an invalid manifest for {name}:{tag}: {exc}") from None
         manifest = CachedManifest(parsed, time.time())
-        self._remember(key, manifest)
-        self._missing.pop(key, None)
         answers = (await self._learned(key, name, tag)).accepted(client, str(manifest.digest), manifest.fetched_at)
+        # The manifest and what upstream answered become visible together, with no await between:
+        # a client that saw the one without the other would ask upstream again.
+        self._remember(key, manifest)
         self._answers[key] = answers
+        self._missing.pop(key, None)
         self._meta.remember_blob_sizes(manifest.parsed.sizes)  # HEAD answers from them at once
         self._in_background(self._save, name, tag, manifest, answers)
         log.info("manifest fetched name=%s tag=%s digest=%s bytes=%d", name, tag, manifest.digest.short,
