@@ -93,10 +93,13 @@ class ManifestService:
             return await self._by_lock(key, name, tag, client_headers)
         await self._drop_memory_if_changed()
         local = self._memory.get(key) or await asyncio.to_thread(self._load, name, tag)
-        if local is not None:
-            self._remember(key, local)
         client = ClientAgent.parse(client_headers.get("user-agent", ""))
         known = await self._known(key, name, tag, local, client)
+        if local is None and key in self._memory:  # another request fetched it while this one looked on disk
+            local = self._memory[key]
+            known = await self._known(key, name, tag, local, client)
+        if local is not None:
+            self._remember(key, local)
         if self._settings.offline:
             if known is not None and known.refusal is not None:
                 raise self._refused_again(name, tag, client, known, "this mirror is offline")
@@ -245,12 +248,14 @@ class ManifestService:
 
     def _save(self, name: Name, tag: str, manifest: CachedManifest, answers: TagAnswers | None = None) -> None:
         try:
-            self._store.write_manifest(name, tag, manifest.data, manifest.digest, self._host)
+            # What was learned goes first: writing the tag moves the store's generation, and every
+            # process (this one too) then reloads the tag from disk, which must find its record.
             self._meta.set_blob_sizes(manifest.parsed.sizes)
             record = ManifestRecord(manifest.fetched_at, self._upstream.base_url, str(manifest.digest))
             self._meta.set_manifest(self._host, name, tag, record)
             if answers is not None:
                 self._meta.set_client_answers(self._host, name, tag, answers.to_dict())
+            self._store.write_manifest(name, tag, manifest.data, manifest.digest, self._host)
         except (OSError, sqlite3.OperationalError) as exc:  # a full disk: served from memory, uncached
             log.warning("manifest not cached name=%s tag=%s reason=%s; serving it from memory", name, tag, exc)
         if self._replicas is not None:
