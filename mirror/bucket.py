@@ -236,13 +236,15 @@ class Bucket:
         except ClientError as exc:
             raise StoreUnavailable(self._head_refused(exc)) from exc
         except NoCredentialsError as exc:
-            raise StoreUnavailable(
-                f"no S3 credentials for {self.location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                f"or AWS_PROFILE, or run where an instance role applies") from exc
+            raise StoreUnavailable(self._no_credentials()) from exc
         except BotoCoreError as exc:
             raise StoreUnavailable(
                 f"cannot reach the S3 endpoint {self.endpoint_url} for {self.location} ({_reason(exc)}): check "
                 f"AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and that the object store is up") from exc
+
+    def _no_credentials(self) -> str:
+        return (f"no S3 credentials for {self.location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                f"or AWS_PROFILE, or run where an instance role applies")
 
     def _head_refused(self, exc: ClientError) -> str:
         """HeadBucket's answer has no body, so a 403 does not say whether the key is unknown, its
@@ -435,6 +437,8 @@ class Bucket:
                                 f"raise it, or evict models (ollama-mirror gc --max-size SIZE)") from exc
             raise StoreUnavailable(f"{action} failed at {self.endpoint_url}: the object store answered "
                                    f"{status} {code}") from exc
+        except NoCredentialsError as exc:
+            raise StoreUnavailable(f"{action} failed: {self._no_credentials()}") from exc
         except BotoCoreError as exc:
             raise StoreUnavailable(f"{action} failed: cannot reach the object store at {self.endpoint_url} "
                                    f"({_reason(exc)})") from exc

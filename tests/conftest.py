@@ -119,8 +119,12 @@ def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
     try:
         endpoint = start_rgw(environ)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        failure = f"Ceph RGW did not start: {exc}"
+    else:
+        failure = ""
+    if failure:
         stop_rgw(environ)
-        pytest.fail(f"Ceph RGW did not start: {exc}", pytrace=False)
+        pytest.fail(failure, pytrace=False)
     yield endpoint
     stop_rgw(environ)
 

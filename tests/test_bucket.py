@@ -119,14 +119,22 @@ def test_check_missing_bucket(rgw: S3Endpoint) -> None:
                                  f"(aws s3 mb s3://no-such-bucket) or name an existing one in the store location")
 
 
+def aws_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **values: str) -> None:
+    """Only these AWS settings in the environment: no ~/.aws files, no instance metadata."""
+    for name in os.environ:
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    isolated = {"AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                "AWS_EC2_METADATA_DISABLED": "true"}
+    for name, value in {**isolated, **values}.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_check_wrong_secret_from_the_environment(bucket: Bucket, rgw: S3Endpoint, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Configured as a user would: endpoint and keys in the environment, nothing passed in."""
-    for name, value in {"AWS_ENDPOINT_URL_S3": rgw.url, "AWS_ACCESS_KEY_ID": rgw.access_key,
-                        "AWS_SECRET_ACCESS_KEY": rgw.secret_key, "AWS_DEFAULT_REGION": rgw.region,
-                        "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(name, value)
+    aws_environment(monkeypatch, tmp_path, AWS_ENDPOINT_URL_S3=rgw.url, AWS_ACCESS_KEY_ID=rgw.access_key,
+                    AWS_SECRET_ACCESS_KEY=rgw.secret_key, AWS_DEFAULT_REGION=rgw.region)
     configured = Bucket.connect(bucket.location, path_style=True)
     assert configured.endpoint_url == rgw.url
     configured.check()
@@ -135,6 +143,15 @@ def test_check_wrong_secret_from_the_environment(bucket: Bucket, rgw: S3Endpoint
         Bucket.connect(bucket.location, path_style=True).check()
     assert str(caught.value) == (f"the S3 endpoint {rgw.url} refused the secret key (credentials from the "
                                  f"environment): check AWS_SECRET_ACCESS_KEY")
+
+
+def test_check_no_credentials(bucket: Bucket, rgw: S3Endpoint, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    aws_environment(monkeypatch, tmp_path, AWS_ENDPOINT_URL=rgw.url)
+    with pytest.raises(StoreUnavailable) as caught:
+        Bucket.connect(bucket.location, path_style=True).check()
+    assert str(caught.value) == (f"no S3 credentials for s3://{bucket.location.bucket}/site/: set AWS_ACCESS_KEY_ID "
+                                 f"and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an instance role applies")
 
 
 def test_check_unknown_access_key(bucket: Bucket, rgw: S3Endpoint) -> None:
