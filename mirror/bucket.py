@@ -256,7 +256,8 @@ class Bucket:
                     f"or name an existing one in the store location")
         if status == 301:
             region = _headers(exc).get("x-amz-bucket-region", "another region")
-            return f"bucket {bucket!r} is in {region}, not in {self._client.meta.region_name}: set AWS_DEFAULT_REGION={region}"
+            return (f"bucket {bucket!r} is in {region}, not in {self._client.meta.region_name}: "
+                    f"set AWS_DEFAULT_REGION={region}")
         if status in (400, 403) and code in ("400", "403"):
             try:
                 self._client.list_objects_v2(Bucket=bucket, Prefix=self.location.prefix, MaxKeys=1)

@@ -13,7 +13,8 @@ Who may change a lease, and when:
   (created with the same conditional put) may delete it, and then ``acquire`` it as anyone would.
 
 So no two replicas hold one lease, as long as clocks agree within ``skew`` and no single step stalls
-for longer than that. The races accepted beyond it:
+for longer than that. A holder should take a ``ttl`` well above ``skew`` (15 s or more) and renew every
+``ttl / 3``: a lease with less than ``skew`` left can be neither renewed nor released. The races accepted beyond it:
 - ``renew`` and ``release`` read, compare the token, then write: a holder stalled for ``skew`` seconds
   between the two can overwrite or delete a taker's new lease. Then two replicas fill one blob (its
   bytes are fetched twice, verified and identical) until the taker's next renew finds a foreign token.

@@ -168,7 +168,8 @@ def test_check_access_denied(bucket: Bucket, rgw: S3Endpoint) -> None:
     with pytest.raises(StoreUnavailable) as caught:
         Bucket.connect(bucket.location, endpoint_url=rgw.url, path_style=True, session=session).check()
     assert str(caught.value) == (f"access to bucket '{bucket.location.bucket}' at {rgw.url} is denied to these "
-                                 f"credentials (from the caller): allow them to list, get, put and delete objects in it")
+                                 f"credentials (from the caller): allow them to list, get, put and delete "
+                                 f"objects in it")
 
 
 def test_check_endpoint_unreachable(rgw: S3Endpoint) -> None:
@@ -391,7 +392,7 @@ def test_lease_take_over_by_exactly_one(bucket: Bucket) -> None:
     for _ in range(3):
         dead = expired_lease(leases)
         assert leases.read(DIGEST) == dead and dead.expired
-        taken = race(6, lambda i: leases.take_over(dead, f"replica-{i}", f"http://replica-{i}", 30))
+        taken = race(6, lambda i, dead=dead: leases.take_over(dead, f"replica-{i}", f"http://replica-{i}", 30))
         winners = [lease for lease in taken if lease is not None]
         assert len(winners) == 1, taken
         assert leases.read(DIGEST) == winners[0]
