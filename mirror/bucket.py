@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import boto3
 from botocore.config import Config
@@ -213,7 +213,7 @@ class Bucket:
 
     @classmethod
     def connect(cls, location: BucketLocation, *, endpoint_url: str | None = None, path_style: bool = False,
-                session: boto3.Session | None = None) -> Bucket:
+                session: boto3.Session | None = None) -> Self:
         """A client configured the standard AWS way; ``endpoint_url`` overrides the configured one."""
         session = session or boto3.Session()
         client = session.client("s3", endpoint_url=endpoint_url, config=client_config(path_style))

@@ -134,6 +134,5 @@ def bucket(rgw: S3Endpoint) -> Iterator[Bucket]:
     """A new, empty bucket on the session's RGW, under a prefix, path-style; removed afterwards."""
     s3 = rgw.client()
     name = create_bucket(s3)
-    yield Bucket.connect(BucketLocation(name, "site/"), endpoint_url=rgw.url, path_style=True,
-                         session=rgw.session())
+    yield rgw.connect(BucketLocation(name, "site/"))
     remove_bucket(s3, name)

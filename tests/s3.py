@@ -18,6 +18,8 @@ from typing import Any
 
 import boto3
 
+from mirror.bucket import Bucket, BucketLocation, client_config
+
 SCRIPTS = Path(__file__).resolve().parent.parent.parent / "shared" / "s3"  # ../shared/s3 of the project
 STORE_BYTES = 4 << 30  # bluestore's sparse block file: big objects without holding them in RAM
 
@@ -30,12 +32,22 @@ class S3Endpoint:
     region: str
     ceph_dir: Path
 
-    def session(self) -> boto3.Session:
-        return boto3.Session(aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-                             region_name=self.region)
+    def session(self, access_key: str = "", secret_key: str = "") -> boto3.Session:
+        return boto3.Session(aws_access_key_id=access_key or self.access_key,
+                             aws_secret_access_key=secret_key or self.secret_key, region_name=self.region)
 
     def client(self) -> Any:
+        """A plain boto3 client, to look at the bucket from outside."""
         return self.session().client("s3", endpoint_url=self.url)
+
+    def mirror_client(self) -> Any:
+        """A client configured as ``Bucket.connect`` configures its own."""
+        return self.session().client("s3", endpoint_url=self.url, config=client_config(path_style=True))
+
+    def connect(self, location: BucketLocation, kind: type[Bucket] = Bucket,
+                session: boto3.Session | None = None) -> Bucket:
+        """``kind.connect`` to this endpoint, path-style, with these keys unless ``session`` has others."""
+        return kind.connect(location, endpoint_url=self.url, path_style=True, session=session or self.session())
 
     def add_user(self, uid: str) -> tuple[str, str]:
         """Another S3 user, with keys of its own: (access key, secret key)."""

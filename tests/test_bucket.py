@@ -16,7 +16,7 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError
 
-from mirror.bucket import Bucket, BucketLocation, client_config
+from mirror.bucket import Bucket, BucketLocation
 from mirror.errors import StoreUnavailable
 from mirror.leases import Lease, Leases
 from mirror.names import Digest, Name
@@ -111,8 +111,7 @@ def test_check_passes(bucket: Bucket) -> None:
 
 
 def test_check_missing_bucket(rgw: S3Endpoint) -> None:
-    missing = Bucket.connect(BucketLocation("no-such-bucket"), endpoint_url=rgw.url, path_style=True,
-                             session=rgw.session())
+    missing = rgw.connect(BucketLocation("no-such-bucket"))
     with pytest.raises(StoreUnavailable) as caught:
         missing.check()
     assert str(caught.value) == (f"bucket 'no-such-bucket' does not exist at {rgw.url}: create it "
@@ -155,18 +154,16 @@ def test_check_no_credentials(bucket: Bucket, rgw: S3Endpoint, tmp_path: Path,
 
 
 def test_check_unknown_access_key(bucket: Bucket, rgw: S3Endpoint) -> None:
-    session = replace(rgw, access_key="nobody", secret_key="nothing").session()
     with pytest.raises(StoreUnavailable) as caught:
-        Bucket.connect(bucket.location, endpoint_url=rgw.url, path_style=True, session=session).check()
+        rgw.connect(bucket.location, session=rgw.session("nobody", "nothing")).check()
     assert str(caught.value) == (f"the S3 endpoint {rgw.url} does not know the access key (credentials from the "
                                  f"caller): check AWS_ACCESS_KEY_ID")
 
 
 def test_check_access_denied(bucket: Bucket, rgw: S3Endpoint) -> None:
-    access_key, secret_key = rgw.add_user("stranger")
-    session = replace(rgw, access_key=access_key, secret_key=secret_key).session()
+    stranger = rgw.session(*rgw.add_user("stranger"))
     with pytest.raises(StoreUnavailable) as caught:
-        Bucket.connect(bucket.location, endpoint_url=rgw.url, path_style=True, session=session).check()
+        rgw.connect(bucket.location, session=stranger).check()
     assert str(caught.value) == (f"access to bucket '{bucket.location.bucket}' at {rgw.url} is denied to these "
                                  f"credentials (from the caller): allow them to list, get, put and delete "
                                  f"objects in it")
@@ -175,7 +172,7 @@ def test_check_access_denied(bucket: Bucket, rgw: S3Endpoint) -> None:
 def test_check_endpoint_unreachable(rgw: S3Endpoint) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StoreUnavailable) as caught:
-        Bucket.connect(BucketLocation("models", "a/"), endpoint_url=url, path_style=True, session=rgw.session()).check()
+        Bucket.connect(BucketLocation("models", "a/"), endpoint_url=url, session=rgw.session()).check()
     assert str(caught.value) == (f"cannot reach the S3 endpoint {url} for s3://models/a/ (connection refused): "
                                  f"check AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and that the object store is up")
 
@@ -273,8 +270,9 @@ class FailingPart:
 
     def upload_part(self, **kwargs: Any) -> Any:
         if kwargs["PartNumber"] == self.fail_at:
-            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"},
-                               "ResponseMetadata": {"HTTPStatusCode": 500}}, "UploadPart")
+            answer: Any = {"Error": {"Code": "InternalError", "Message": "injected"},
+                           "ResponseMetadata": {"HTTPStatusCode": 500}}
+            raise ClientError(answer, "UploadPart")
         self.parts_sent += 1
         return self.inner.upload_part(**kwargs)
 
@@ -285,7 +283,7 @@ def assert_nothing_left(bucket: Bucket, rgw: S3Endpoint, digest: Digest) -> None
 
 
 def test_multipart_failing_part_leaves_nothing(bucket: Bucket, rgw: S3Endpoint, tmp_path: Path) -> None:
-    client = FailingPart(rgw.session().client("s3", endpoint_url=rgw.url, config=client_config(True)), fail_at=3)
+    client = FailingPart(rgw.mirror_client(), fail_at=3)
     failing = SmallParts(bucket.location, client)
     digest, fd = blob_file(tmp_path / "blob", 40 * MiB)
     try:
@@ -301,7 +299,7 @@ def test_multipart_failing_part_leaves_nothing(bucket: Bucket, rgw: S3Endpoint, 
 
 def test_multipart_short_file_leaves_nothing(bucket: Bucket, rgw: S3Endpoint, tmp_path: Path) -> None:
     """A file that ends before the size it was given (truncated under us): the upload is aborted."""
-    short = SmallParts(bucket.location, rgw.session().client("s3", endpoint_url=rgw.url, config=client_config(True)))
+    short = rgw.connect(bucket.location, SmallParts)
     digest, fd = blob_file(tmp_path / "blob", 12 * MiB)
     try:
         with pytest.raises(ValueError, match=f"the file ended at byte {12 * MiB}, before the {15 * MiB} bytes"):
@@ -312,8 +310,7 @@ def test_multipart_short_file_leaves_nothing(bucket: Bucket, rgw: S3Endpoint, tm
 
 
 def test_store_errors_are_sentences(rgw: S3Endpoint) -> None:
-    gone = Bucket.connect(BucketLocation("no-such-bucket", "a/"), endpoint_url=rgw.url, path_style=True,
-                          session=rgw.session())
+    gone = rgw.connect(BucketLocation("no-such-bucket", "a/"))
     with pytest.raises(StoreUnavailable) as caught:
         gone.write_object("a/x", b"{}")
     assert str(caught.value) == f"PutObject a/x failed at {rgw.url}: the object store answered 404 NoSuchBucket"
@@ -392,7 +389,10 @@ def test_lease_take_over_by_exactly_one(bucket: Bucket) -> None:
     for _ in range(3):
         dead = expired_lease(leases)
         assert leases.read(DIGEST) == dead and dead.expired
-        taken = race(6, lambda i, dead=dead: leases.take_over(dead, f"replica-{i}", f"http://replica-{i}", 30))
+        def take(i: int, dead: Lease = dead) -> Lease | None:
+            return leases.take_over(dead, f"replica-{i}", f"http://replica-{i}", 30)
+
+        taken = race(6, take)
         winners = [lease for lease in taken if lease is not None]
         assert len(winners) == 1, taken
         assert leases.read(DIGEST) == winners[0]
@@ -440,7 +440,7 @@ class IgnoresConditions(Bucket):
 
 
 def test_lease_check_refuses_a_store_without_conditional_puts(bucket: Bucket, rgw: S3Endpoint) -> None:
-    careless = IgnoresConditions(bucket.location, rgw.session().client("s3", endpoint_url=rgw.url))
+    careless = rgw.connect(bucket.location, IgnoresConditions)
     with pytest.raises(StoreUnavailable) as caught:
         Leases(careless).check()
     assert str(caught.value) == (f"the object store at {rgw.url} ignores If-None-Match on PutObject, so replicas "
