@@ -22,7 +22,8 @@ to HTTP statuses, so a status is decided in one place::
     │   └── RangeIgnored            the CDN sent the whole blob to a Range request: fill in one stream
     ├── DigestMismatch              staging discarded, waiters failed
     ├── FillFailed                  a fill gave up; readers see this
-    └── StoreFull                   ENOSPC: the fill fails, warm blobs still serve
+    ├── StoreFull                   ENOSPC (or a bucket's quota): the fill fails, warm blobs still serve
+    └── StoreUnavailable            the S3 bucket cannot be reached, or refuses us: the cause and the fix
 """
 
 from __future__ import annotations
@@ -158,3 +159,9 @@ class FillFailed(MirrorError):
 
 class StoreFull(MirrorError):
     code = "STORE_FULL"
+
+
+class StoreUnavailable(MirrorError):
+    """The shared S3 bucket cannot be reached or refuses us; the message names the cause and the fix."""
+
+    code = "STORE_UNAVAILABLE"

@@ -71,6 +71,7 @@ def configure(level: str = "info", log_format: str = "text") -> None:
     root.setLevel(level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # mirror.bucket logs what the store did
     logging.getLogger("uvicorn.error").addFilter(_AbortedResponses())
 
 

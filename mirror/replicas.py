@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -31,12 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import TTLCache
 
+from . import __version__
 from .config import Settings
 from .names import Digest, Name
 from .upstream import BlobLocation, Upstream
 
 if TYPE_CHECKING:
-    from .bucket import Bucket, Lease
+    from .bucket import Bucket
+    from .leases import Lease
+    from .roster import Replica
     from .fill import Fill
 
 log = logging.getLogger("mirror.replicas")
@@ -84,17 +86,19 @@ class Replicas:
     def __init__(self, settings: Settings, bucket: Bucket | None = None) -> None:
         from .bucket import Bucket, BucketLocation  # boto3 is loaded only by mirrors that share a bucket
         from .leases import Leases
+        from .roster import Roster
 
         self.settings = settings
         self.bucket = bucket or Bucket.connect(BucketLocation.parse(settings.store), path_style=settings.s3_path_style)
         self.leases = Leases(self.bucket)
+        self.roster = Roster(self.bucket)
         self.id = settings.replica_id or default_replica_id(settings.listen)
         self.url = (settings.advertise_url or default_advertise_url(settings.listen)).rstrip("/")
         self._bucket_source = BucketSource(self.bucket, settings)
         self._peers: dict[str, Upstream] = {}
         self._in_bucket: TTLCache[Digest, int] = TTLCache(maxsize=65536, ttl=IN_BUCKET_SECONDS)
         self.filling: dict[Digest, str] = {}  # blobs this replica fills, and from where (for the heartbeat)
-        self.seen: list[dict[str, Any]] = []  # every replica's last heartbeat, as of this one's last
+        self.seen: list[Replica] = []  # every replica's last heartbeat, as of this one's last
 
     # -- where a fill reads --------------------------------------------------------------------
 
@@ -232,30 +236,33 @@ class Replicas:
 
     async def heartbeat(self) -> None:
         """Say in the bucket who this replica is and what it fills, and read what the others said, so
-        the status page of any replica shows them all."""
-        started = time.time()
-        while True:
-            info = {"id": self.id, "url": self.url, "started": started, "seen": time.time(),
-                    "filling": {str(d): source for d, source in self.filling.items()}}
-            try:
-                self.seen = await asyncio.to_thread(self._beat, info)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("bucket heartbeat failed replica=%s reason=%s", self.id, exc)
-            await asyncio.sleep(HEARTBEAT_EVERY)
+        the status page of any replica shows them all. Retired on the way out."""
+        from .roster import Replica
 
-    def _beat(self, info: dict[str, Any]) -> list[dict[str, Any]]:
-        self.bucket.write_object(self.bucket.keys.replica(self.id), json.dumps(info).encode())
-        found = []
-        for key, _ in self.bucket.list_objects(self.bucket.keys.replicas):
-            with contextlib.suppress(ValueError, TypeError):
-                found.append(json.loads(self.bucket.read_object(key) or b""))
-        now = time.time()
-        return [{**r, "alive": now - float(r.get("seen", 0)) < 3 * HEARTBEAT_EVERY} for r in found]
+        me = Replica(self.id, self.url, __version__, time.time())
+        try:
+            while True:
+                me = replace(me, fills=tuple(self.filling))
+                try:
+                    self.seen = await asyncio.to_thread(self._beat, me)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("bucket heartbeat failed replica=%s reason=%s", self.id, exc)
+                await asyncio.sleep(HEARTBEAT_EVERY)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.to_thread(self.roster.retire, self.id))
+
+    def _beat(self, me: Replica) -> list[Replica]:
+        self.roster.announce(me)
+        return self.roster.all()
 
     def snapshot(self) -> dict[str, Any]:
         """For the status page: this replica, the bucket and every replica seen there."""
         return {"id": self.id, "url": self.url, "store": self.settings.store, "endpoint": self.bucket.endpoint_url,
-                "blob_redirect": self.settings.blob_redirect, "replicas": self.seen}
+                "blob_redirect": self.settings.blob_redirect,
+                "replicas": [{"id": r.id, "url": r.url, "version": r.version, "started": r.started,
+                              "last_seen": r.last_seen, "gone": r.gone, "fills": [str(d) for d in r.fills]}
+                             for r in self.seen]}
 
 
 def default_replica_id(listen: str) -> str:

@@ -102,3 +102,37 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# -- a real S3 engine: Ceph RGW (tests/s3.py) ------------------------------------------------------
+
+from mirror.bucket import Bucket, BucketLocation  # noqa: E402  (beside the fixtures that use them)
+
+from .s3 import S3Endpoint, create_bucket, remove_bucket, rgw_environ, start_rgw, stop_rgw  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """One Ceph RGW for the session (bluestore on a sparse file, ports of its own); a failed start
+    fails the tests that need it, with the script's output: CI must run them, never skip them."""
+    environ = rgw_environ(tmp_path_factory.mktemp("ceph"))
+    try:
+        endpoint = start_rgw(environ)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        failure = f"Ceph RGW did not start: {exc}"
+    else:
+        failure = ""
+    if failure:
+        stop_rgw(environ)
+        pytest.fail(failure, pytrace=False)
+    yield endpoint
+    stop_rgw(environ)
+
+
+@pytest.fixture
+def bucket(rgw: S3Endpoint) -> Iterator[Bucket]:
+    """A new, empty bucket on the session's RGW, under a prefix, path-style; removed afterwards."""
+    s3 = rgw.client()
+    name = create_bucket(s3)
+    yield rgw.connect(BucketLocation(name, "site/"))
+    remove_bucket(s3, name)
