@@ -128,9 +128,14 @@ class BlobService:
         fill = self._engine.get(digest)
         if fill is not None:
             return fill.size
-        if self._offline:
-            raise BlobUnknown(f"blob {digest} is not cached and the mirror is offline")
+        if self._offline:  # the shared bucket is no upstream: an offline replica fills from it
+            size = await self._engine.replicas.blob_in_bucket(digest) if self._engine.replicas else None
+            if size is None:
+                raise BlobUnknown(f"blob {digest} is not cached and the mirror is offline")
+            return size
         size = await asyncio.to_thread(self._meta.blob_size, digest)
+        if size is None and self._engine.replicas is not None:
+            size = await self._engine.replicas.blob_in_bucket(digest)
         if size is not None:
             return size
         try:

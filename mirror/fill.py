@@ -258,12 +258,12 @@ class Fill:
                     if source.kind == "upstream":
                         await in_thread(lambda fd: replicas.upload(self.digest, fd, self.size), self._staging())
                 return
-            except (UpstreamError, FillFailed) as exc:
-                if source.kind == "upstream" or (isinstance(exc, UpstreamError) and not exc.retryable
-                                                 and not isinstance(exc, UpstreamUrlExpired)):
+            except Exception as exc:  # noqa: BLE001 - sorted below: only a lost bucket or peer is retried here
+                error = _unwrapped(exc)
+                if source.kind == "upstream" or not _source_lost(error):
                     raise
                 log.warning("fill source lost digest=%s source=%s done=%d/%d reason=%s; choosing again",
-                            self.digest.short, self.source, self.done_bytes, self.size, exc)
+                            self.digest.short, self.source, self.done_bytes, self.size, error)
                 self.state = FillState.RUNNING
                 await asyncio.sleep(1.0)
             finally:
@@ -451,10 +451,24 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
         pass
 
 
-def _first_error(exc: BaseException) -> MirrorError:
-    """The error to report: unwrap task groups; anything not ours is a bug, wrapped and logged."""
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The first error inside task groups."""
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
+    return exc
+
+
+def _source_lost(error: BaseException) -> bool:
+    """A bucket or peer that stopped answering (or whose URL expired): choose the source again. Its
+    refusals and wrong bytes are answers, and fail the fill as upstream's would."""
+    if isinstance(error, FillFailed):
+        return True
+    return isinstance(error, UpstreamError) and (error.retryable or isinstance(error, UpstreamUrlExpired))
+
+
+def _first_error(exc: BaseException) -> MirrorError:
+    """The error to report: unwrap task groups; anything not ours is a bug, wrapped and logged."""
+    exc = _unwrapped(exc)
     if isinstance(exc, MirrorError):
         return exc
     log.error("fill bug: %r", exc, exc_info=exc)

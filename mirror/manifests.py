@@ -288,6 +288,7 @@ class ManifestService:
         except ManifestInvalid as exc:
             log.warning("manifest unreadable in the bucket name=%s tag=%s reason=%s", name, tag, exc)
             return None
+        self._meta.set_blob_sizes(parsed.sizes)  # HEAD answers from them, upstream or not
         self._store.write_manifest(name, tag, data, parsed.digest, self._host)
         return CachedManifest(parsed, 0.0)
 

@@ -198,17 +198,13 @@ class Replicas:
     def upload(self, digest: Digest, fd: int, size: int) -> None:
         """Put a blob this replica verified into the bucket (blocking). A failure is logged, not
         raised: the blob is served from local disk, and the next replica to miss it fills it."""
-        started = time.monotonic()
         try:
-            self.bucket.put_blob(digest, fd, size)
+            self.bucket.put_blob(digest, fd, size)  # logged there
         except Exception as exc:  # noqa: BLE001
             log.warning("bucket upload failed digest=%s size=%d reason=%s; other replicas fill it themselves",
                         digest.short, size, exc)
             return
         self._in_bucket[digest] = size
-        seconds = max(time.monotonic() - started, 1e-6)
-        log.info("bucket upload digest=%s bytes=%d seconds=%.2f mb_s=%.1f", digest.short, size, seconds,
-                 size / seconds / 1e6)
 
     async def presigned(self, digest: Digest) -> str | None:
         """A presigned GET URL for a blob the bucket holds, else None."""

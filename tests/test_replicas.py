@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from .fakes import Blob, FakeRegistry, MirrorProcess, assert_store_verified, write_blob
+from .s3 import S3Endpoint
 
 MB = 1_000_000
 
@@ -32,11 +33,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def bucket_url(rgw, monkeypatch: pytest.MonkeyPatch) -> str:  # type: ignore[no-untyped-def]
+def bucket_url(rgw: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh bucket; the replicas (child processes) find the endpoint and keys in the environment,
     as any AWS SDK does. The endpoint is named ``localhost`` while the replicas are ``127.0.0.1``:
     Ollama follows a redirect to the same host name, and a presigned URL is another host."""
-    endpoint = rgw.endpoint.replace("127.0.0.1", "localhost")
+    endpoint = rgw.url.replace("127.0.0.1", "localhost")
     for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": rgw.access_key,
                        "AWS_SECRET_ACCESS_KEY": rgw.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
