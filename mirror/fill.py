@@ -90,7 +90,8 @@ class Fill:
         self.map: ChunkMap | None = None
         self.staging: SharedFd | None = None  # the staging file (read-only while following another process)
         self.demands: list[Demand] = []
-        self.fetched = 0  # bytes received from upstream by this run
+        self.fetched = 0  # bytes received by this run, from whatever source
+        self.from_upstream = 0  # ... of which from upstream (not the shared bucket or another replica)
         self.resumed = 0  # bytes already on disk when this run started
         self.retries = 0
         self.connections = 0  # upstream connections the download runs now
@@ -198,6 +199,8 @@ class Fill:
 
     def landed(self, n: int) -> None:
         self.fetched += n
+        if self.source == "upstream":
+            self.from_upstream += n
         self.tell_readers()
 
     # -- the lifecycle -------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .health import State
 
 if TYPE_CHECKING:
     from .app import Mirror
+    from .replicas import Replicas
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 USAGE_CACHE_SECONDS = 10.0  # the store's size is a directory scan: not on every scrape
@@ -64,6 +65,7 @@ class Metrics:
         self.upstream_errors = Counter("ollama_mirror_upstream_errors", "Upstream failures that reached a "
                                        "client or ended a fill, by error code.", ["code"], registry=self.registry)
         self.fetched_done = 0  # upstream bytes of fills that ended; running fills add theirs when scraped
+        self.shared_done = 0  # bytes of ended fills that came from the shared bucket or another replica
         self._served = {"hit": 0, "fill": 0}  # the same figures as plain numbers, for the status page
         self._blob_gets = {"hit": 0, "fill": 0}
         self.started = time.time()
@@ -81,7 +83,8 @@ class Metrics:
             self._blob_gets[cache] += 1
 
     def fill_finished(self, fill: Fill) -> None:
-        self.fetched_done += fill.fetched
+        self.fetched_done += fill.from_upstream
+        self.shared_done += fill.fetched - fill.from_upstream
         self.retries.inc(fill.retries)
         if fill.state is FillState.DONE:
             self.fills.labels("done").inc()
@@ -96,7 +99,7 @@ class Metrics:
 
     def totals(self) -> dict[str, float]:
         """The figures the status page shows: hit ratio and bytes saved."""
-        fetched = self.fetched_done + sum(f.fetched for f in self._mirror.engine.active)
+        fetched = self.fetched_done + sum(f.from_upstream for f in self._mirror.engine.active)
         served = self._served["hit"] + self._served["fill"]
         asked = self._blob_gets["hit"] + self._blob_gets["fill"]
         return {"served_bytes": served, "upstream_bytes": fetched, "saved_bytes": max(served - fetched, 0),
@@ -126,6 +129,18 @@ def _upstream_gauges(mirror: Mirror) -> Iterator[GaugeMetricFamily]:
     yield from (up, latency, reached)
 
 
+def _replica_metrics(replicas: Replicas, shared_bytes: int) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    yield CounterMetricFamily("ollama_mirror_replica_bytes", "Blob bytes fills got from the shared bucket or "
+                              "another replica instead of upstream.", value=shared_bytes)
+    up = GaugeMetricFamily("ollama_mirror_replica_up", "Replicas on the shared bucket, by their last heartbeat: "
+                           "1 alive, 0 gone.", labels=["replica"])
+    fills = GaugeMetricFamily("ollama_mirror_replica_fills", "Blobs each replica fills now.", labels=["replica"])
+    for replica in replicas.seen:
+        up.add_metric([replica.id], 0.0 if replica.gone else 1.0)
+        fills.add_metric([replica.id], float(len(replica.fills)))
+    yield from (up, fills)
+
+
 class _StateCollector(Collector):
     """Gauges read at scrape time, from the engine and the disk."""
 
@@ -140,9 +155,12 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("ollama_mirror_active_fills", "Fills running now.", value=len(active))
         yield GaugeMetricFamily("ollama_mirror_waiting_clients", "Client streams following a running fill.",
                                 value=sum(f.waiting_clients for f in active))
-        fetched = self._metrics.fetched_done + sum(f.fetched for f in active)
+        fetched = self._metrics.fetched_done + sum(f.from_upstream for f in active)
         yield CounterMetricFamily("ollama_mirror_upstream_bytes", "Bytes fetched from upstream (with "
                                   "ollama_mirror_served_bytes_total: the bytes the cache saved).", value=fetched)
+        if mirror.engine.replicas is not None:
+            yield from _replica_metrics(mirror.engine.replicas, self._metrics.shared_done + sum(
+                f.fetched - f.from_upstream for f in active))
         yield GaugeMetricFamily("ollama_mirror_event_loop_tasks", "Tasks alive on the server's event loop "
                                 "(a number that only grows is a leak).", value=len(asyncio.all_tasks(self._loop)))
         yield GaugeMetricFamily("ollama_mirror_store_bytes", "Bytes of blobs in the store.", value=self.usage())

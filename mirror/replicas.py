@@ -46,7 +46,7 @@ log = logging.getLogger("mirror.replicas")
 LEASE_TTL = 10.0  # seconds a lease lives unless renewed: how soon a dead replica's fill is taken over
 RENEW_EVERY = 3.0
 PRESIGN_SECONDS = 900  # a presigned URL outlives any part of a pull; a new one is made per request
-HEARTBEAT_EVERY = 10.0
+HEARTBEAT_EVERY = 5.0
 PEER_HEADER = "Ollama-Mirror-Replica"  # on requests from one replica to another: never sent on to a peer
 PEER_RETRIES = 2  # a peer that fails this often is asked no more until its lease is checked again
 IN_BUCKET_SECONDS = 60.0  # how long "the bucket has this blob" is believed (rm and gc remove blobs)
@@ -238,7 +238,7 @@ class Replicas:
         me = Replica(self.id, self.url, __version__, time.time())
         try:
             while True:
-                me = replace(me, fills=tuple(self.filling))
+                me = replace(me, fills=tuple(d for d, source in self.filling.items() if source == "upstream"))
                 try:
                     self.seen = await asyncio.to_thread(self._beat, me)
                 except Exception as exc:  # noqa: BLE001

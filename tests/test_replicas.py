@@ -219,3 +219,27 @@ def test_real_client_gets_warm_bytes_from_the_bucket_with_blob_redirect(
 def _served(mirror: MirrorProcess) -> float:
     text = httpx.get(f"{mirror.url}/metrics").text
     return sum(float(v) for v in re.findall(r"^ollama_mirror_served_bytes_total(?:\{[^}]*\})? (\S+)$", text, re.M))
+
+
+def test_every_replica_shows_the_others_and_what_each_fills(registry: FakeRegistry, replica: Replica) -> None:
+    blob = write_blob(registry.directory, 24 * MB, seed=75)
+    registry.add_model("library/seen", "1", [blob])
+    registry.cdn.shared_rate = 2 * MB  # one pipe for every connection: the fill lasts while heartbeats go round
+    a, b = replica("a"), replica("b")
+    with httpx.stream("GET", f"{a.url}/v2/library/seen/blobs/{blob.digest}") as r:
+        assert r.status_code == 200
+    deadline = time.monotonic() + 20
+    while True:
+        shared = httpx.get(f"{b.url}/status.json").json()["shared"]
+        by_id = {r["id"]: r for r in shared["replicas"]}
+        if by_id.keys() == {"a", "b"} and by_id["a"]["fills"] == [blob.digest]:
+            break
+        assert time.monotonic() < deadline, shared["replicas"]
+        time.sleep(0.5)
+    assert not by_id["a"]["gone"] and not by_id["b"]["gone"]
+    assert by_id["a"]["url"] == a.url
+    metrics = httpx.get(f"{b.url}/metrics").text
+    assert 'ollama_mirror_replica_up{replica="a"} 1.0' in metrics
+    assert 'ollama_mirror_replica_fills{replica="a"} 1.0' in metrics
+    fill = httpx.get(f"{a.url}/status.json").json()["fills"][0]
+    assert fill["source"] == "upstream" and fill["digest"] == blob.digest
