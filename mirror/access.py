@@ -116,7 +116,8 @@ class AccessControl:
         if not (self._tokens or self._keys):
             return
         scheme, _, credentials = _header(scope, b"authorization").partition(" ")
-        if (scheme.lower() == "bearer" and (credentials in self._issued or self._static_ok(credentials))
+        if (scheme.lower() == "bearer" and (credentials in self._issued or self._static_ok(credentials)
+                                            or _peer_ok(scope, credentials))
                 or scheme.lower() == "basic" and self._static_ok(_basic_password(credentials))):
             state = scope.setdefault("state", {})
             state["authenticated"] = True  # the management API lets such a request change the cache
@@ -256,3 +257,10 @@ def _basic_password(credentials: str) -> str:
         return base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")[2]
     except (binascii.Error, UnicodeDecodeError):
         return ""
+
+
+def _peer_ok(scope: Scope, credentials: str) -> bool:
+    """Another replica on the same bucket, streaming a blob this one fills (``replicas.py``)."""
+    mirror = getattr(getattr(scope.get("app"), "state", None), "mirror", None)
+    replicas = mirror.engine.replicas if mirror is not None else None
+    return replicas is not None and replicas.is_peer(credentials)

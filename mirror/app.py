@@ -180,7 +180,7 @@ async def _replicas(settings: Settings) -> Replicas | None:
     if not settings.store:
         return None
     replicas = Replicas(settings)
-    await asyncio.to_thread(replicas.bucket.check)
+    await asyncio.to_thread(replicas.start)
     log.info("bucket ready store=%s endpoint=%s replica=%s advertise=%s blob_redirect=%s", settings.store,
              replicas.bucket.endpoint_url, replicas.id, replicas.url, settings.blob_redirect)
     return replicas

@@ -10,6 +10,7 @@ Under the prefix the bucket is laid out as an Ollama models directory, so an adm
       leases/sha256-<hex>.takeover                   held for a moment by the replica taking over an expired lease
       replicas/<id>                                  each replica's heartbeat, JSON: id, advertise URL, version,
                                                      started, last seen, the fills it runs
+      peer-token                                     the bearer token replicas present to each other (made once)
 
 A blob is uploaded from a local file whose digest was checked: in one ``PutObject``, or in a
 multipart upload that is aborted on any failure, so nothing is ever visible under ``blobs/`` but a
@@ -105,6 +106,10 @@ class BucketKeys:
     @property
     def leases(self) -> str:
         return f"{self.prefix}leases/"
+
+    @property
+    def peer_token(self) -> str:
+        return f"{self.prefix}peer-token"
 
     @property
     def replicas(self) -> str:

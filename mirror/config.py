@@ -91,7 +91,7 @@ class Settings:
     s3_path_style: bool = False  # bucket in the URL path (MinIO, Ceph RGW without wildcard DNS)
     advertise_url: str = ""  # how other replicas reach this one (http://host:port); default: from --listen
     blob_redirect: bool = False  # answer a warm blob's resolving GET with a 307 to a presigned store URL
-    replica_id: str = ""  # this replica's name in the bucket (leases, status); default: host:port
+    replica_id: str = ""  # this replica's name in the bucket (leases, status); default: host-port
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.upstream).scheme
@@ -133,6 +133,9 @@ class Settings:
         if self.advertise_url and urlsplit(self.advertise_url).scheme not in ("http", "https"):
             raise SettingsError("advertise_url", f"{self.advertise_url!r} is not an http(s) URL: give the URL other "
                                                  "replicas reach this one at, such as http://10.0.0.5:11435")
+        if self.replica_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.replica_id):
+            raise SettingsError("replica_id", f"{self.replica_id!r} is not a replica name: use letters, digits, "
+                                              "'.', '_' and '-', up to 64, such as mirror-2")
         if self.blob_redirect and not self.store:
             raise SettingsError("blob_redirect", "needs a bucket to send clients to: give --store s3://BUCKET/PREFIX")
         for key in ("chunk_size", "max_retries", "upstream_connections"):

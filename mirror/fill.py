@@ -263,6 +263,12 @@ class Fill:
                 return
             except Exception as exc:  # noqa: BLE001 - sorted below: only a lost bucket or peer is retried here
                 error = _unwrapped(exc)
+                if source.kind == "peer" and isinstance(error, UpstreamRefused) and error.status in (401, 403):
+                    log.warning("fill peer refused digest=%s peer=%s reason=%s; filling from upstream instead (do "
+                                "the replicas share one bucket, and is each in the others' --allow-clients?)",
+                                self.digest.short, source.peer, error)
+                    self._from_peer = True  # never a peer again for this fill
+                    continue
                 if source.kind == "upstream" or not _source_lost(error):
                     raise
                 log.warning("fill source lost digest=%s source=%s done=%d/%d reason=%s; choosing again",

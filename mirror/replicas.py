@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -99,6 +101,21 @@ class Replicas:
         self._in_bucket: TTLCache[Digest, int] = TTLCache(maxsize=65536, ttl=IN_BUCKET_SECONDS)
         self.filling: dict[Digest, str] = {}  # blobs this replica fills, and from where (for the heartbeat)
         self.seen: list[Replica] = []  # every replica's last heartbeat, as of this one's last
+        self.peer_token = ""  # set by ``start``: lets one replica through another's access control
+
+    def start(self) -> None:
+        """Blocking, once: check the bucket, and read (or make) the token replicas show each other.
+        It is in the bucket because whoever may read the bucket may read every model anyway."""
+        self.bucket.check()
+        key = self.bucket.keys.peer_token
+        token = self.bucket.read_object(key)
+        if token is None:
+            self.bucket.write_object(key, secrets.token_urlsafe(32).encode(), if_absent=True)
+            token = self.bucket.read_object(key) or b""
+        self.peer_token = token.decode().strip()
+
+    def is_peer(self, credentials: str) -> bool:
+        return bool(self.peer_token) and hmac.compare_digest(credentials, self.peer_token)
 
     # -- where a fill reads --------------------------------------------------------------------
 
@@ -140,7 +157,8 @@ class Replicas:
         if peer is None:
             peer = self._peers[url] = Upstream(
                 url, connect_timeout=min(self.settings.connect_timeout, 3.0), stall_timeout=self.settings.stall_timeout,
-                max_connections=self.settings.upstream_connections, headers={PEER_HEADER: self.id})
+                max_connections=self.settings.upstream_connections, headers={PEER_HEADER: self.id},
+                token=self.peer_token)
         return peer
 
     def sources(self) -> list[Upstream]:
@@ -262,7 +280,7 @@ class Replicas:
 
 
 def default_replica_id(listen: str) -> str:
-    return f"{socket.gethostname()}:{listen.rpartition(':')[2]}"
+    return f"{socket.gethostname().split('.')[0]}-{listen.rpartition(':')[2]}"
 
 
 def default_advertise_url(listen: str) -> str:

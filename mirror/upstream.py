@@ -103,6 +103,7 @@ class Upstream:
         throttle: Throttle | None = None,
         health: Health | None = None,
         headers: Mapping[str, str] | None = None,
+        token: str | None = None,
     ) -> None:
         """``max_connections``: blob range requests, all fills together. A registry request waits
         at most ``pool_timeout`` (default: ``connect_timeout``) for one of its own connections, and
@@ -127,6 +128,7 @@ class Upstream:
         self._by_loop: dict[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, httpx.AsyncClient]] = {}
         self._tokens: TTLCache[str, str] = TTLCache(maxsize=1024, ttl=240)
         self._tokens_lock = threading.Lock()  # both loops' threads read and write the tokens
+        self._static_token = token  # sent to this origin alone when no challenge gave another
 
     @staticmethod
     def _client(transport: httpx.AsyncBaseTransport, connect: float, stall: float,
@@ -158,7 +160,7 @@ class Upstream:
 
     def _token(self, name: Name) -> str | None:
         with self._tokens_lock:
-            return self._tokens.get(str(name))
+            return self._tokens.get(str(name)) or self._static_token
 
     # -- registry requests, with token challenges --------------------------------
 

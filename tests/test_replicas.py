@@ -83,9 +83,9 @@ def replica(registry: FakeRegistry, bucket_url: str, tmp_path: Path) -> Iterator
             process.process.wait()
 
 
-def _get_all(url: str, results: list[bytes], errors: list[BaseException]) -> None:
+def _get_all(url: str, results: list[bytes], errors: list[BaseException], token: str = "") -> None:
     try:
-        with httpx.Client(timeout=120) as client:
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {token}"} if token else {}) as client:
             results.append(client.get(url).raise_for_status().content)
     except BaseException as exc:  # noqa: BLE001 - reported by the test
         errors.append(exc)
@@ -95,16 +95,19 @@ def _digest_of(data: bytes) -> str:
     return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
+@pytest.mark.parametrize("token", ["", "office-secret"], ids=["open", "with-tokens"])
 def test_ten_clients_over_two_replicas_cost_upstream_one_blob(
-        registry: FakeRegistry, replica: Replica, bucket_url: str) -> None:
+        registry: FakeRegistry, replica: Replica, bucket_url: str, token: str) -> None:
+    """With access control on, a replica streams from another with the token they share in the bucket."""
     blob = write_blob(registry.directory, 64 * MB, seed=71)
     registry.add_model("library/shared", "1", [blob])
     registry.cdn.rate = 4 * MB  # per connection: the fill lasts seconds, so every client joins it mid-way
-    a, b = replica("a"), replica("b")
+    flags = ("--token", token) if token else ()
+    a, b = replica("a", *flags), replica("b", *flags)
     results: list[bytes] = []
     errors: list[BaseException] = []
     threads = [threading.Thread(target=_get_all, args=(f"{(a, b)[i % 2].url}/v2/library/shared/blobs/{blob.digest}",
-                                                       results, errors)) for i in range(10)]
+                                                       results, errors, token)) for i in range(10)]
     for t in threads:
         t.start()
         time.sleep(0.1)
