@@ -162,10 +162,13 @@ async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
     mirror = Mirror(settings, layout, store, meta, engine, registries)
     eviction_task = _start_eviction(mirror)
     heartbeat = asyncio.get_running_loop().create_task(replicas.heartbeat(), name="heartbeat") if replicas else None
+    sync = asyncio.get_running_loop().create_task(asyncio.to_thread(replicas.sync_up, store)) if replicas else None
     try:
         yield mirror
     finally:
-        for task in (eviction_task, heartbeat):
+        if replicas is not None:
+            replicas.stopping.set()
+        for task in (eviction_task, heartbeat, sync):
             if task is not None:
                 task.cancel()
         await engine.close()

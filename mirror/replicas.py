@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import secrets
+import threading
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from .bucket import Bucket
     from .leases import Lease
     from .roster import Replica
+    from .store import BlobStore
     from .fill import Fill
 
 log = logging.getLogger("mirror.replicas")
@@ -102,6 +105,7 @@ class Replicas:
         self.filling: dict[Digest, str] = {}  # blobs this replica fills, and from where (for the heartbeat)
         self.seen: list[Replica] = []  # every replica's last heartbeat, as of this one's last
         self.peer_token = ""  # set by ``start``: lets one replica through another's access control
+        self.stopping = threading.Event()  # the mirror is shutting down: background uploads stop
 
     def start(self) -> None:
         """Blocking, once: check the bucket, and read (or make) the token replicas show each other.
@@ -230,6 +234,42 @@ class Replicas:
             return None
         return await asyncio.to_thread(self.bucket.presign_blob, digest, PRESIGN_SECONDS)
 
+
+    # -- what this replica has that the bucket lacks ------------------------------------------
+
+    def sync_up(self, store: BlobStore) -> None:
+        """Blocking, in the background at start: upload the verified blobs and the tags of this
+        replica's cache that the bucket lacks (an upload cut short by a kill or an outage, a cache
+        from before the bucket, an import), so no other replica fetches them from upstream again."""
+        from .eviction import stored_blobs
+        from .models import list_models
+
+        try:
+            in_bucket = self.bucket.list_blobs()
+            tags = self.bucket.list_manifests()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("bucket sync skipped reason=%s", exc)
+            return
+        local = stored_blobs(store.layout)
+        missing = {d: s.st_size for d, s in local.items() if in_bucket.get(d) != s.st_size}
+        shared = {(host.lower(), str(name).lower(), tag.lower()) for host, name, tag in tags}
+        models = [m for m in list_models(store.layout)
+                  if (m.host.lower(), str(m.name).lower(), m.tag.lower()) not in shared]
+        if not missing and not models:
+            return
+        log.info("bucket sync blobs=%d bytes=%d tags=%d reason=in this replica's cache, not in the bucket",
+                 len(missing), sum(missing.values()), len(models))
+        for digest in missing:
+            if self.stopping.is_set():
+                return
+            fd = store.open_blob(digest)
+            if fd is not None:  # evicted meanwhile: nothing to share
+                try:
+                    self.upload(digest, fd, os.fstat(fd).st_size)
+                finally:
+                    os.close(fd)
+        for model in models:
+            self.save_manifest(model.host, model.name, model.tag, model.manifest.data)
 
     # -- tags, and who is here -------------------------------------------------------------------
 

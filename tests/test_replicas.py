@@ -246,3 +246,28 @@ def test_every_replica_shows_the_others_and_what_each_fills(registry: FakeRegist
     assert 'ollama_mirror_replica_fills{replica="a"} 1.0' in metrics
     fill = httpx.get(f"{a.url}/status.json").json()["fills"][0]
     assert fill["source"] == "upstream" and fill["digest"] == blob.digest
+
+
+def test_a_cache_from_before_the_bucket_is_shared_at_start(registry: FakeRegistry, replica: Replica, bucket_url: str,
+                                                            tmp_path: Path) -> None:
+    """Blobs and tags a replica holds that the bucket lacks (an upload cut short, a cache from before
+    the bucket, an import) go up at start, so no other replica fetches them from upstream again."""
+    blob = write_blob(registry.directory, 8 * MB, seed=76)
+    manifest = registry.add_model("library/old", "1", [blob])
+    alone = MirrorProcess(tmp_path / "a" / "cache", registry.url, "alone")  # no bucket yet
+    try:
+        assert httpx.get(f"{alone.url}/v2/library/old/manifests/1").content == manifest
+        assert httpx.get(f"{alone.url}/v2/library/old/blobs/{blob.digest}", timeout=60).content == \
+            blob.path.read_bytes()
+    finally:
+        alone.stop(signal.SIGTERM)
+    a = replica("a")  # the same cache, now on the bucket
+    deadline = time.monotonic() + 30
+    while not _uploaded(bucket_url, blob) or not any(k.startswith("manifests/") for k in _bucket_objects(bucket_url)):
+        assert time.monotonic() < deadline, a.log.read_text()[-2000:]
+        time.sleep(0.2)
+    assert re.search(r"bucket sync blobs=\d+ bytes=\d+ tags=1", a.log.read_text())
+    registry.server.stop()
+    b = replica("b")
+    assert httpx.get(f"{b.url}/v2/library/old/manifests/1").content == manifest
+    assert httpx.get(f"{b.url}/v2/library/old/blobs/{blob.digest}", timeout=60).content == blob.path.read_bytes()
