@@ -271,3 +271,24 @@ def test_a_cache_from_before_the_bucket_is_shared_at_start(registry: FakeRegistr
     b = replica("b")
     assert httpx.get(f"{b.url}/v2/library/old/manifests/1").content == manifest
     assert httpx.get(f"{b.url}/v2/library/old/blobs/{blob.digest}", timeout=60).content == blob.path.read_bytes()
+
+
+@pytest.mark.real_client
+def test_real_client_through_a_site_mirror_whose_upstream_is_a_regional_replica(
+        registry: FakeRegistry, replica: Replica, ollama, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """registry -> regional replica on the bucket -> site mirror: the site keeps the registry's names."""
+    layer = write_blob(registry.directory, 20 * MB, seed=77)
+    manifest = registry.add_model("library/tier", "1", [layer])
+    regional = replica("regional", "--registry", f"registry.ollama.ai={registry.url}")
+    site = MirrorProcess(tmp_path / "site" / "cache", regional.url, "site")
+    try:
+        client = ollama("client")
+        name = f"127.0.0.1:{site.url.rpartition(':')[2]}/library/tier:1"
+        result = client.pull(name)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (client.models / "blobs" / layer.digest.replace(":", "-")).read_bytes() == layer.path.read_bytes()
+        stored = tmp_path / "site" / "cache" / "manifests" / "registry.ollama.ai" / "library" / "tier" / "1"
+        assert stored.read_bytes() == manifest
+        assert registry.cdn.bytes_by_digest[layer.digest] == layer.size
+    finally:
+        site.stop(signal.SIGTERM)
