@@ -200,6 +200,8 @@ def client_config(path_style: bool) -> Config:
         response_checksum_validation="when_required",
         retries={"max_attempts": 3, "mode": "standard"},
         max_pool_connections=32,
+        connect_timeout=5,  # botocore's 60 s would hold a fill's choice of source for minutes on a dead store
+        read_timeout=30,
     )
 
 

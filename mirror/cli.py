@@ -640,6 +640,11 @@ def serve(settings: Settings, cache: Cache) -> None:
             load_keys(settings.keys_file)
         except (OSError, ValueError) as exc:
             sys.exit(f"ollama-mirror: {named('keys_file', cache.sources)}: {exc}")
+    if settings.store:
+        try:
+            _check_bucket(settings)
+        except (MirrorError, ValueError) as exc:
+            sys.exit(f"ollama-mirror: {named('store', cache.sources)} {settings.store}: {exc}")
     try:
         server = build_server(settings)
     except ListenError as exc:
@@ -651,6 +656,13 @@ def serve(settings: Settings, cache: Cache) -> None:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
     server.run()  # uvloop when installed (uvicorn[standard]): a faster event loop
+
+
+def _check_bucket(settings: Settings) -> None:
+    """The shared bucket: there, ours to use, and able to hold a lease (each failure in one line)."""
+    from .replicas import Replicas  # boto3 is loaded only by replicas on a bucket
+
+    Replicas(settings).start()
 
 
 def _check_min_free(settings: Settings, sources: Mapping[str, str], layout: Layout) -> None:

@@ -57,7 +57,8 @@ def upstream_cause(exc: BaseException) -> UpstreamError | None:
 class Health:
     """One registry's record: reachable or not, the last error, when it was last reached, latency."""
 
-    def __init__(self, registry: str, url: str, *, offline: bool = False) -> None:
+    def __init__(self, registry: str, url: str, *, offline: bool = False, kind: str = "upstream") -> None:
+        self.kind = kind  # what the log lines call it: "upstream", or "replica" for a peer on the bucket
         self.registry = registry
         self.url = url
         self.state = State.OFFLINE if offline else State.UNKNOWN
@@ -73,7 +74,7 @@ class Health:
         was = self.state
         self.state, self.latency, self.last_reached, self.heard = State.UP, latency, time.time(), time.monotonic()
         if was is not State.UP:
-            log.info("upstream up registry=%s url=%s latency_ms=%.0f%s", self.registry, self.url, latency * 1000,
+            log.info("%s up registry=%s url=%s latency_ms=%.0f%s", self.kind, self.registry, self.url, latency * 1000,
                      " (recovered)" if was is State.DOWN else "")
             self._logged.clear()  # the next failure is news again
 
@@ -81,11 +82,11 @@ class Health:
         """A registry request failed: no connection, no answer, or a 5xx or 429."""
         self.state, self.heard = State.DOWN, time.monotonic()
         self.last_error, self.last_error_at = str(exc), time.time()
-        self._log("upstream down", exc)
+        self._log(f"{self.kind} down", exc)
 
     def met(self, exc: MirrorError) -> None:
         """A request met this failure (a CDN's, an invalid answer...): logged, the state untouched."""
-        self._log("upstream error", exc)
+        self._log(f"{self.kind} error", exc)
 
     def _log(self, event: str, exc: MirrorError) -> None:
         cause = cause_of(exc)

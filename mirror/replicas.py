@@ -36,6 +36,8 @@ from cachetools import TTLCache
 
 from . import __version__
 from .config import Settings
+from .errors import StoreUnavailable
+from .health import Health
 from .names import Digest, Name
 from .upstream import BlobLocation, Upstream
 
@@ -111,6 +113,7 @@ class Replicas:
         """Blocking, once: check the bucket, and read (or make) the token replicas show each other.
         It is in the bucket because whoever may read the bucket may read every model anyway."""
         self.bucket.check()
+        self.leases.check()
         key = self.bucket.keys.peer_token
         token = self.bucket.read_object(key)
         if token is None:
@@ -126,6 +129,14 @@ class Replicas:
     async def choose(self, fill: Fill, upstream: Upstream, from_peer: bool) -> Source:
         """The source for ``fill`` now (see the module's docstring). ``from_peer``: the fill was
         started by another replica's request, which must not be sent back to a peer."""
+        try:
+            return await self._choose(fill, upstream, from_peer)
+        except StoreUnavailable as exc:  # the bucket is down: fill as a lone mirror would, and say so
+            log.warning("fill without the bucket digest=%s reason=%s; filling from upstream with no lease",
+                        fill.digest.short, exc)
+            return Source("upstream", upstream)
+
+    async def _choose(self, fill: Fill, upstream: Upstream, from_peer: bool) -> Source:
         digest = fill.digest
         while True:
             size = await self.blob_in_bucket(digest, fresh=True)
@@ -162,7 +173,7 @@ class Replicas:
             peer = self._peers[url] = Upstream(
                 url, connect_timeout=min(self.settings.connect_timeout, 3.0), stall_timeout=self.settings.stall_timeout,
                 max_connections=self.settings.upstream_connections, headers={PEER_HEADER: self.id},
-                token=self.peer_token)
+                token=self.peer_token, health=Health(url, url, kind="replica"))
         return peer
 
     def sources(self) -> list[Upstream]:
@@ -209,10 +220,18 @@ class Replicas:
     # -- the bucket's blobs ---------------------------------------------------------------------
 
     async def blob_in_bucket(self, digest: Digest, fresh: bool = False) -> int | None:
-        """The blob's size in the bucket, or None; a found blob is believed for a minute."""
+        """The blob's size in the bucket, or None; a found blob is believed for a minute. ``fresh``
+        asks the bucket, and raises ``StoreUnavailable`` when it cannot; otherwise an unreachable
+        bucket counts as not having the blob (served from here or upstream instead)."""
         size = None if fresh else self._in_bucket.get(digest)
         if size is None:
-            size = await asyncio.to_thread(self.bucket.blob_size, digest)
+            try:
+                size = await asyncio.to_thread(self.bucket.blob_size, digest)
+            except StoreUnavailable as exc:
+                if fresh:
+                    raise
+                log.warning("bucket unreachable digest=%s reason=%s; answering without it", digest.short, exc)
+                return None
             if size is not None:
                 self._in_bucket[digest] = size
         return size

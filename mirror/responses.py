@@ -39,6 +39,7 @@ STATUS = {
     errors.DigestMismatch: 502,
     errors.FillFailed: 502,
     errors.StoreFull: 507,
+    errors.StoreUnavailable: 503,
 }
 
 

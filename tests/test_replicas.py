@@ -8,6 +8,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -74,6 +76,10 @@ def replica(registry: FakeRegistry, bucket_url: str, tmp_path: Path) -> Iterator
                                 "--store", bucket_url, "--s3-path-style", "--replica-id", label,
                                 "--advertise-url", f"http://127.0.0.1:{port}", *extra)
         started.append(process)
+        deadline = time.monotonic() + 30
+        while "mirror ready" not in process.log.read_text():  # after the bucket was checked
+            assert time.monotonic() < deadline and process.process.poll() is None, process.log.read_text()
+            time.sleep(0.05)
         return process
 
     yield start
@@ -292,3 +298,49 @@ def test_real_client_through_a_site_mirror_whose_upstream_is_a_regional_replica(
         assert registry.cdn.bytes_by_digest[layer.digest] == layer.size
     finally:
         site.stop(signal.SIGTERM)
+
+
+
+def test_with_the_bucket_gone_a_replica_still_fills_and_serves(registry: FakeRegistry, replica: Replica,
+                                                                bucket_url: str) -> None:
+    """A store that stops answering costs sharing, not service: the fill goes upstream with no lease,
+    and the failed upload is said in one line."""
+    blob = write_blob(registry.directory, 4 * MB, seed=78)
+    manifest = registry.add_model("library/gone", "1", [blob])
+    a = replica("a")
+    _delete_bucket(bucket_url)
+    assert httpx.get(f"{a.url}/v2/library/gone/manifests/1").content == manifest
+    r = httpx.get(f"{a.url}/v2/library/gone/blobs/{blob.digest}", timeout=60)
+    assert r.status_code == 200 and r.content == blob.path.read_bytes()
+    deadline = time.monotonic() + 10
+    while "bucket upload failed" not in a.log.read_text():
+        assert time.monotonic() < deadline, a.log.read_text()[-3000:]
+        time.sleep(0.2)
+    assert registry.cdn.bytes_by_digest[blob.digest] == blob.size
+
+
+def _delete_bucket(url: str) -> None:
+    bucket = url.removeprefix("s3://").partition("/")[0]
+    s3 = _s3()
+    for _ in range(5):  # a heartbeat may land between the listing and the delete
+        for found in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=found["Key"])
+        try:
+            s3.delete_bucket(Bucket=bucket)
+            return
+        except s3.exceptions.ClientError:
+            time.sleep(0.1)
+    raise AssertionError(f"could not delete bucket {bucket}")
+
+
+def test_serve_on_a_missing_bucket_says_so_in_one_line(bucket_url: str, tmp_path: Path) -> None:
+    missing = "s3://no-such-bucket-here/models"
+    done = subprocess.run([sys.executable, "-m", "mirror", "serve", "--listen", "127.0.0.1:0", "--cache-dir",
+                           str(tmp_path / "cache"), "--store", missing, "--s3-path-style"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if "ollama-mirror:" in line]
+    assert lines == [f"ollama-mirror: --store {missing}: bucket 'no-such-bucket-here' does not exist at "
+                     f"{os.environ['AWS_ENDPOINT_URL']}: create it (aws s3 mb s3://no-such-bucket-here) or name an "
+                     "existing one in the store location"], done.stderr
+    assert "Traceback" not in done.stderr
