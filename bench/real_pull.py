@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
         if args.mirror_in_ram:  # the mirror's writes off the disk the client writes to: is that disk the limit?
             (work / "mirror").mkdir()
-            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={2 * args.size_mb + 512}m", "tmpfs",
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={2 * args.size_mb + 2048}m", "tmpfs",
                             str(work / "mirror")], check=True)
             servers.append(work / "mirror")
         mirror = MirrorProcess(work / "mirror" / "cache", upstream, "bench", *args.mirror_args)
