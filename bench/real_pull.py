@@ -12,6 +12,10 @@ bytes through one ``tc`` htb class of that rate: more connections cannot help th
 Reports: the direct pull (the peer), the cold pull through the mirror and their ratio, a warm pull
 by a second machine with upstream stopped, the CDN bytes per blob byte, the connection count the
 mirror's fill settled on, and the upstream bytes when ten Ollama-like clients pull one cold model.
+Each timed pull also reports the bytes it wrote to the machine's disks (``/proc/diskstats``, after a
+sync): through a mirror on the same machine the disk takes every byte twice, once into the mirror's
+cache and once into the client's models directory. ``--mirror-in-ram`` puts the mirror's cache on a
+tmpfs, which tells whether that shared disk is what a slower cold pull is waiting for.
 """
 
 from __future__ import annotations
@@ -55,6 +59,24 @@ def _shared_pipe(port: int, mb_per_s: float) -> None:
         subprocess.run(command.split(), check=True, stderr=subprocess.DEVNULL)
 
 
+def _disk_written() -> int:
+    """Bytes written to the machine's real disks so far (``/proc/diskstats``; loop and zram left out)."""
+    total = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if Path(f"/sys/block/{fields[2]}/device").exists():  # a whole disk, not a partition or a RAM device
+            total += int(fields[9]) * 512
+    return total
+
+
+def _pull_and_disk(server: OllamaServer, name: str, results: dict[str, object], key: str) -> None:
+    """Time the pull, and the disk writes it caused (counted until the kernel wrote back what was dirty)."""
+    before = _disk_written()
+    results[f"{key}_s"] = _timed_pull(server, name)
+    os.sync()
+    results[f"{key}_disk_mb"] = round((_disk_written() - before) / 1e6)
+
+
 def _settled(log: Path) -> str:
     found = re.findall(r"(?:fill settled|fill done).*?connections=(\d+)", log.read_text())
     return found[0] if found else "?"
@@ -86,16 +108,21 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         upstream = registry_server.url()
 
         peer = OllamaServer(venv, work / "direct").start()
-        results["direct_pull_s"] = _timed_pull(peer, f"{upstream.removeprefix('http://')}/library/bench:latest")
+        _pull_and_disk(peer, f"{upstream.removeprefix('http://')}/library/bench:latest", results, "direct_pull")
         peer.stop()
         shutil.rmtree(work / "direct", ignore_errors=True)
 
+        if args.mirror_in_ram:  # the mirror's writes off the disk the client writes to: is that disk the limit?
+            (work / "mirror").mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={2 * args.size_mb + 2048}m", "tmpfs",
+                            str(work / "mirror")], check=True)
+            servers.append(work / "mirror")
         mirror = MirrorProcess(work / "mirror" / "cache", upstream, "bench", *args.mirror_args)
         servers.append(mirror)
         name = f"{mirror.url.removeprefix('http://')}/library/bench:latest"
         before = nginx.bytes_sent(blob.digest)
         cold = OllamaServer(venv, work / "cold").start()
-        results["cold_pull_via_mirror_s"] = _timed_pull(cold, name)
+        _pull_and_disk(cold, name, results, "cold_pull_via_mirror")
         results["cold_upstream_bytes_ratio"] = (nginx.bytes_sent(blob.digest) - before) / blob.size
         results["mirror_connections"] = _settled(mirror.log)
         cold.stop()
@@ -128,7 +155,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     finally:
         for server in servers:
             try:
-                server.stop() if isinstance(server, Nginx) else server.process.kill()  # type: ignore[attr-defined]
+                if isinstance(server, Path):
+                    subprocess.run(["umount", "-l", str(server)], check=False)
+                else:
+                    server.stop() if isinstance(server, Nginx) else server.process.kill()  # type: ignore[attr-defined]
             except Exception:  # noqa: BLE001 - stopping what may have stopped already
                 pass
         shutil.rmtree(work, ignore_errors=True)
@@ -146,6 +176,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=0, help="also: this many Ollama-like clients on one cold blob")
     parser.add_argument("--mirror-arg", dest="mirror_args", action="append", default=[],
                         help="passed to ollama-mirror serve (e.g. --mirror-arg=--connections=8)")
+    parser.add_argument("--mirror-in-ram", action="store_true",
+                        help="the mirror's cache on a tmpfs: its writes leave the disk to the client alone")
     parser.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     ensure_tools()

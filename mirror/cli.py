@@ -671,7 +671,7 @@ def _check_min_free(settings: Settings, sources: Mapping[str, str], layout: Layo
     if settings.min_free_bytes >= disk.total:
         sys.exit(f"ollama-mirror: {named('min_free', sources)} {settings.min_free} is more than the whole disk of "
                  f"the cache ({human(disk.total)} at {layout.root}), so every fill would be refused: give a smaller "
-                 f"one, such as 1G")
+                 f"one, such as {human(disk.total // 10)}")
     if settings.min_free_bytes >= disk.free:
         log.warning("disk low free=%s min_free=%s cache=%s: fills are refused (507) until space is freed "
                     "(ollama-mirror gc --max-size SIZE) or --min-free is lowered", human(disk.free),

@@ -75,7 +75,7 @@ def test_serve_refuses_a_min_free_larger_than_the_disk(small_disk: Path) -> None
     assert result.returncode == 1
     assert result.stderr == (f"ollama-mirror: --min-free 2T is more than the whole disk of the cache (12.6 MB at "
                              f"{small_disk / 'cache'}), so every fill would be refused: give a smaller one, such "
-                             f"as 1G\n")
+                             f"as 1.3 MB\n")
 
 
 # -- settings: named as the user gave them --------------------------------------------------------
