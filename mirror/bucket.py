@@ -8,9 +8,12 @@ Under the prefix the bucket is laid out as an Ollama models directory, so an adm
       manifests/<host>/<namespace>/<model>/<tag>     raw manifest bytes, as upstream sent them
       leases/sha256-<hex>                            fill lease, JSON: the one replica fetching it upstream
       leases/sha256-<hex>.takeover                   held for a moment by the replica taking over an expired lease
+      leases/gc                                      held by the one ``ollama-mirror gc`` at work on the bucket
       replicas/<id>                                  each replica's heartbeat, JSON: id, advertise URL, version,
                                                      started, last seen, the fills it runs
       peer-token                                     the bearer token replicas present to each other (made once)
+      pins/<host>/<namespace>/<model>/<tag>          a pinned tag (``ollama-mirror pin``): gc never evicts it
+      bad/sha256-<hex>                               a blob ``ollama-mirror verify`` found not to match its name
 
 A blob is uploaded from a local file whose digest was checked: in one ``PutObject``, or in a
 multipart upload that is aborted on any failure, so nothing is ever visible under ``blobs/`` but a
@@ -115,12 +118,27 @@ class BucketKeys:
     def replicas(self) -> str:
         return f"{self.prefix}replicas/"
 
+    @property
+    def pins(self) -> str:
+        return f"{self.prefix}pins/"
+
+    @property
+    def bad(self) -> str:
+        return f"{self.prefix}bad/"
+
+    @property
+    def gc_lock(self) -> str:
+        return f"{self.leases}gc"
+
     def blob(self, digest: Digest) -> str:
         return f"{self.blobs}sha256-{digest.hex}"
 
     def manifest(self, host: str, name: Name, tag: str) -> str:
         # Ollama lowercases every part of a manifest path, as layout.py does on disk.
-        return f"{self.manifests}{host.lower()}/{name.namespace.lower()}/{name.model.lower()}/{tag.lower()}"
+        return f"{self.manifests}{_tag_path(host, name, tag)}"
+
+    def pin(self, host: str, name: Name, tag: str) -> str:
+        return f"{self.pins}{_tag_path(host, name, tag)}"
 
     def lease(self, digest: Digest) -> str:
         return f"{self.leases}sha256-{digest.hex}"
@@ -139,15 +157,48 @@ class BucketKeys:
         match = _BLOB_FILE.fullmatch(key.removeprefix(self.blobs))
         return Digest(match[1]) if match and key.startswith(self.blobs) else None
 
+    def lease_digest(self, key: str) -> Digest | None:
+        """The digest of a fill lease's key, or None for anything else under ``leases/``."""
+        match = _BLOB_FILE.fullmatch(key.removeprefix(self.leases))
+        return Digest(match[1]) if match and key.startswith(self.leases) else None
+
     def manifest_tag(self, key: str) -> tuple[str, Name, str] | None:
         """``(host, name, tag)`` of a key under ``manifests/``, or None for one that names no tag."""
-        parts = key.removeprefix(self.manifests).split("/")
-        if not key.startswith(self.manifests) or len(parts) != 4 or not is_registry_host(parts[0]):
+        return self._tag(key, self.manifests)
+
+    def pin_tag(self, key: str) -> tuple[str, Name, str] | None:
+        """``(host, name, tag)`` of a key under ``pins/``, or None."""
+        return self._tag(key, self.pins)
+
+    @staticmethod
+    def _tag(key: str, folder: str) -> tuple[str, Name, str] | None:
+        parts = key.removeprefix(folder).split("/")
+        if not key.startswith(folder) or len(parts) != 4 or not is_registry_host(parts[0]):
             return None
         try:
             return parts[0], Name.parse(f"{parts[1]}/{parts[2]}"), parse_tag(parts[3])
         except NameInvalid:
             return None
+
+
+def _tag_path(host: str, name: Name, tag: str) -> str:
+    return f"{host.lower()}/{name.namespace.lower()}/{name.model.lower()}/{tag.lower()}"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    key: str
+    size: int
+    modified: float  # unix time it was last written (S3's LastModified)
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A multipart upload not completed nor aborted: its parts use space no listing of objects shows."""
+
+    key: str
+    upload_id: str
+    started: float  # unix time
 
 
 class _Slice(io.RawIOBase):
@@ -364,15 +415,74 @@ class Bucket:
 
     def list_blobs(self) -> dict[Digest, int]:
         """Every blob in the bucket and its size."""
+        return {digest: entry.size for digest, entry in self.blob_objects().items()}
+
+    def blob_objects(self) -> dict[Digest, StoredObject]:
+        """Every blob in the bucket, with its size and when it was uploaded."""
         found = {}
-        for key, size in self.list_objects(self.keys.blobs):
-            digest = self.keys.blob_digest(key)
+        for entry in self.list_objects(self.keys.blobs):
+            digest = self.keys.blob_digest(entry.key)
             if digest is not None:
-                found[digest] = size
+                found[digest] = entry
         return found
 
     def delete_blob(self, digest: Digest) -> None:
         self.delete_object(self.keys.blob(digest))
+
+    @contextmanager
+    def read_blob(self, digest: Digest) -> Iterator[io.RawIOBase | None]:
+        """The blob's bytes as a stream, for hashing or a verified copy; None when it is not there.
+        A failure mid-way raises ``StoreUnavailable``."""
+        key = self.keys.blob(digest)
+        try:
+            with self._errors(f"GetObject {key}", missing_ok=True):
+                body = self._client.get_object(Bucket=self.location.bucket, Key=key)["Body"]
+        except _Missing:
+            yield None
+            return
+        with body:
+            yield _Body(body, lambda: self._errors(f"GetObject {key}"))
+
+    def quarantine_blob(self, digest: Digest) -> str:
+        """Move the blob to ``bad/`` (kept there for a look, out of every replica's way); its new key.
+        A server-side copy: the bytes do not pass through here (in parts above 8 MiB, for any size)."""
+        key, bad = self.keys.blob(digest), f"{self.keys.bad}sha256-{digest.hex}"
+        with self._errors(f"CopyObject {key} to {bad}"):
+            self._client.copy({"Bucket": self.location.bucket, "Key": key}, self.location.bucket, bad)
+        self.delete_object(key)
+        return bad
+
+    # -- unfinished multipart uploads --------------------------------------------
+
+    def list_uploads(self) -> list[Upload]:
+        """Every multipart upload under the prefix that was neither completed nor aborted."""
+        found = []
+        with self._errors(f"ListMultipartUploads {self.location.prefix}"):
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.location.bucket,
+                                                                                  Prefix=self.location.prefix)
+            for page in pages:
+                for entry in page.get("Uploads", []):
+                    found.append(Upload(entry["Key"], entry["UploadId"], entry["Initiated"].timestamp()))
+        return found
+
+    def upload_size(self, upload: Upload) -> int:
+        """Bytes of the parts uploaded so far (0 for an upload that has ended since it was listed)."""
+        try:
+            with self._errors(f"ListParts {upload.key}", missing_ok=True):
+                pages = self._client.get_paginator("list_parts").paginate(
+                    Bucket=self.location.bucket, Key=upload.key, UploadId=upload.upload_id)
+                return sum(int(part["Size"]) for page in pages for part in page.get("Parts", []))
+        except _Missing:
+            return 0
+
+    def abort_upload(self, upload: Upload) -> None:
+        """Abort it, and free its parts; one that has ended already is not an error."""
+        try:
+            with self._errors(f"AbortMultipartUpload {upload.key}", missing_ok=True):
+                self._client.abort_multipart_upload(Bucket=self.location.bucket, Key=upload.key,
+                                                    UploadId=upload.upload_id)
+        except _Missing:
+            pass
 
     # -- manifests -------------------------------------------------------------
 
@@ -387,8 +497,31 @@ class Bucket:
 
     def list_manifests(self) -> list[tuple[str, Name, str]]:
         """``(host, name, tag)`` of every manifest in the bucket."""
-        found = (self.keys.manifest_tag(key) for key, _ in self.list_objects(self.keys.manifests))
-        return [tag for tag in found if tag is not None]
+        return list(self.manifest_objects())
+
+    def manifest_objects(self) -> dict[tuple[str, Name, str], StoredObject]:
+        """Every manifest in the bucket by ``(host, name, tag)``, with when it was last written."""
+        found = {}
+        for entry in self.list_objects(self.keys.manifests):
+            tag = self.keys.manifest_tag(entry.key)
+            if tag is not None:
+                found[tag] = entry
+        return found
+
+    # -- pins ------------------------------------------------------------------
+
+    def list_pins(self) -> set[tuple[str, Name, str]]:
+        """``(host, name, tag)`` of every pinned tag (lowercased, as manifest keys are)."""
+        found = (self.keys.pin_tag(entry.key) for entry in self.list_objects(self.keys.pins))
+        return {tag for tag in found if tag is not None}
+
+    def set_pinned(self, host: str, name: Name, tag: str, pinned: bool, note: bytes = b"{}") -> None:
+        """Pin the tag (``note``: who pinned it, when) or unpin it."""
+        key = self.keys.pin(host, name, tag)
+        if pinned:
+            self.write_object(key, note)
+        else:
+            self.delete_object(key)
 
     # -- small objects (manifests, leases, heartbeats) -------------------------
 
@@ -418,14 +551,14 @@ class Bucket:
         with self._errors(f"DeleteObject {key}"):
             self._client.delete_object(Bucket=self.location.bucket, Key=key)
 
-    def list_objects(self, prefix: str) -> Iterator[tuple[str, int]]:
-        """``(key, size)`` of every object whose key starts with ``prefix``."""
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix``."""
         with self._errors(f"ListObjectsV2 {prefix}"):
             pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.location.bucket,
                                                                            Prefix=prefix)
             for page in pages:
                 for entry in page.get("Contents", []):
-                    yield entry["Key"], int(entry["Size"])
+                    yield StoredObject(entry["Key"], int(entry["Size"]), entry["LastModified"].timestamp())
 
     # -- errors ----------------------------------------------------------------
 
@@ -450,6 +583,24 @@ class Bucket:
         except BotoCoreError as exc:
             raise StoreUnavailable(f"{action} failed: cannot reach the object store at {self.endpoint_url} "
                                    f"({_reason(exc)})") from exc
+
+
+class _Body(io.RawIOBase):
+    """An object's body as a raw stream (``readinto``, which ``hash_stream`` reads with), whose
+    failures mid-way are ``MirrorError``s as every other call's."""
+
+    def __init__(self, body: Any, errors: Callable[[], Any]) -> None:
+        super().__init__()
+        self._body, self._errors = body, errors
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        with self._errors():
+            data = self._body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 class _Missing(Exception):

@@ -23,7 +23,8 @@ to HTTP statuses, so a status is decided in one place::
     ├── DigestMismatch              staging discarded, waiters failed
     ├── FillFailed                  a fill gave up; readers see this
     ├── StoreFull                   ENOSPC (or a bucket's quota): the fill fails, warm blobs still serve
-    └── StoreUnavailable            the S3 bucket cannot be reached, or refuses us: the cause and the fix
+    ├── StoreUnavailable            the S3 bucket cannot be reached, or refuses us: the cause and the fix
+    └── StoreBusy                   another ``ollama-mirror gc`` holds the bucket's gc lock
 """
 
 from __future__ import annotations
@@ -165,3 +166,9 @@ class StoreUnavailable(MirrorError):
     """The shared S3 bucket cannot be reached or refuses us; the message names the cause and the fix."""
 
     code = "STORE_UNAVAILABLE"
+
+
+class StoreBusy(MirrorError):
+    """Another admin command holds the shared bucket's lock for the work asked; the message says whose."""
+
+    code = "STORE_BUSY"

@@ -10,7 +10,8 @@ Who may change a lease, and when:
 - anyone creates a missing one (``acquire``: the conditional put lets exactly one through);
 - its holder renews or deletes it, only while it has more than ``skew`` seconds left by the holder's clock;
 - once it has expired by a taker's clock, only the replica holding ``leases/sha256-<hex>.takeover``
-  (created with the same conditional put) may delete it, and then ``acquire`` it as anyone would.
+  (created with the same conditional put) may delete it, and then ``acquire`` it as anyone would
+  (``ollama-mirror gc`` deletes it that way too, and acquires nothing: ``clear``).
 
 So no two replicas hold one lease, as long as clocks agree within ``skew`` and no single step stalls
 for longer than that. A holder should take a ``ttl`` well above ``skew`` (15 s or more) and renew every
@@ -24,9 +25,11 @@ for longer than that. A holder should take a ``ttl`` well above ``skew`` (15 s o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
 from .bucket import Bucket
@@ -103,18 +106,51 @@ class Leases:
     def take_over(self, expired: Lease, owner: str, url: str, ttl: float) -> Lease | None:
         """The lease of a holder that stopped renewing (it died), for ``owner``; None when another
         replica takes it over first, or the holder renewed it after all."""
+        with self._taking_over(expired, owner) as cleared:
+            return self.acquire(expired.digest, owner, url, ttl) if cleared else None
+
+    def clear(self, expired: Lease, owner: str) -> bool:
+        """Remove a lease its holder left to expire (``gc``), under the take-over marker as
+        ``take_over`` does, so that a replica taking it over at that moment is not undone."""
+        with self._taking_over(expired, owner) as cleared:
+            return cleared
+
+    @contextlib.contextmanager
+    def _taking_over(self, expired: Lease, owner: str) -> Iterator[bool]:
+        """Holding the take-over marker, the expired lease deleted: True; False when another replica
+        holds the marker, or the lease was renewed or replaced meanwhile."""
         marker = self.bucket.keys.takeover(expired.digest)
         if not self._claim(marker, owner):
-            return None
+            yield False
+            return
         try:
             current = self.read(expired.digest)
+            if current is not None and (current.token != expired.token or not current.expired):
+                yield False
+                return
             if current is not None:
-                if current.token != expired.token or not current.expired:
-                    return None
                 self.bucket.delete_object(self.bucket.keys.lease(expired.digest))
-            return self.acquire(expired.digest, owner, url, ttl)
+            yield True
         finally:
             self.bucket.delete_object(marker)
+
+    def all(self) -> tuple[list[Lease], list[Digest]]:
+        """Every fill lease in the bucket, expired ones too; and the digests of the take-over
+        markers left by a replica that died while taking over (older than ``takeover_ttl``)."""
+        leases, stale = [], []
+        for entry in self.bucket.list_objects(self.bucket.keys.leases):
+            if entry.key.endswith(".takeover"):
+                digest = self.bucket.keys.lease_digest(entry.key.removesuffix(".takeover"))
+                if digest is not None and _stale(self.bucket.read_object(entry.key)):
+                    stale.append(digest)
+            elif (digest := self.bucket.keys.lease_digest(entry.key)) is not None:
+                lease = self.read(digest)
+                if lease is not None:
+                    leases.append(lease)
+        return leases, stale
+
+    def remove_marker(self, digest: Digest) -> None:
+        self.bucket.delete_object(self.bucket.keys.takeover(digest))
 
     def check(self) -> None:
         """Raise ``StoreUnavailable`` if the store ignores ``If-None-Match: *`` on PutObject, which
@@ -139,11 +175,16 @@ class Leases:
         body = json.dumps({"owner": owner, "expires": time.time() + self.takeover_ttl}).encode()
         if self.bucket.write_object(marker, body, if_absent=True):
             return True
-        data = self.bucket.read_object(marker)
-        try:
-            stale = data is not None and time.time() >= float(json.loads(data)["expires"])
-        except (ValueError, TypeError, KeyError):
-            stale = True
-        if stale:
+        if _stale(self.bucket.read_object(marker)):
             self.bucket.delete_object(marker)
         return False
+
+
+def _stale(marker: bytes | None) -> bool:
+    """Whether a take-over marker's time is up (one that cannot be read is); a gone one is not stale."""
+    if marker is None:
+        return False
+    try:
+        return time.time() >= float(json.loads(marker)["expires"])
+    except (ValueError, TypeError, KeyError):
+        return True

@@ -62,8 +62,8 @@ class Roster:
     def all(self) -> list[Replica]:
         """Every replica that has announced itself and not retired, gone ones included, by id."""
         found = []
-        for key, _ in self.bucket.list_objects(self.bucket.keys.replicas):
-            data = self.bucket.read_object(key)
+        for entry in self.bucket.list_objects(self.bucket.keys.replicas):
+            data = self.bucket.read_object(entry.key)
             replica = None if data is None else Replica.from_json(data)
             if replica is not None:
                 found.append(replica)

@@ -21,6 +21,7 @@ from mirror.errors import StoreUnavailable
 from mirror.leases import Lease, Leases
 from mirror.names import Digest, Name
 from mirror.roster import Replica, Roster
+from mirror.store import hash_stream
 
 from .s3 import S3Endpoint, free_port
 
@@ -316,6 +317,43 @@ def test_store_errors_are_sentences(rgw: S3Endpoint) -> None:
     assert str(caught.value) == f"PutObject a/x failed at {rgw.url}: the object store answered 404 NoSuchBucket"
 
 
+def test_blob_read_streams_and_a_bad_one_moves_to_bad(bucket: Bucket, rgw: S3Endpoint, tmp_path: Path) -> None:
+    digest = uploaded(bucket, tmp_path, 9 * MiB + 3)
+    with bucket.read_blob(digest) as body:
+        assert body is not None
+        actual, size = hash_stream(body)  # type: ignore[arg-type]
+    assert (actual, size) == (digest.hex, 9 * MiB + 3)
+    with bucket.read_blob(Digest("0" * 64)) as missing:
+        assert missing is None
+    assert bucket.quarantine_blob(digest) == f"site/bad/sha256-{digest.hex}"  # a server-side copy in parts
+    assert bucket.blob_size(digest) is None
+    bad = rgw.client().head_object(Bucket=bucket.location.bucket, Key=f"site/bad/sha256-{digest.hex}")
+    assert bad["ContentLength"] == 9 * MiB + 3
+
+
+def test_blob_objects_say_when_each_was_uploaded(bucket: Bucket, tmp_path: Path) -> None:
+    before = time.time()
+    digest = uploaded(bucket, tmp_path, 1000)
+    entry = bucket.blob_objects()[digest]
+    assert entry.key == bucket.keys.blob(digest) and entry.size == 1000
+    assert before - 2 <= entry.modified <= time.time() + 2  # whole seconds, the store's clock
+
+
+def test_unfinished_uploads_listed_sized_and_aborted(bucket: Bucket, rgw: S3Endpoint) -> None:
+    s3, key = rgw.client(), bucket.keys.blob(DIGEST)
+    upload_id = s3.create_multipart_upload(Bucket=bucket.location.bucket, Key=key)["UploadId"]
+    for number in (1, 2):
+        s3.upload_part(Bucket=bucket.location.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=b"x" * 1000)
+    s3.create_multipart_upload(Bucket=bucket.location.bucket, Key="elsewhere/blob")  # not under the prefix
+    [upload] = bucket.list_uploads()
+    assert (upload.key, upload.upload_id) == (key, upload_id) and abs(upload.started - time.time()) < 60
+    assert bucket.upload_size(upload) == 2000
+    bucket.abort_upload(upload)
+    assert bucket.list_uploads() == []
+    assert bucket.upload_size(upload) == 0  # ended: no parts, and no error
+    bucket.abort_upload(upload)
+
+
 # -- manifests ------------------------------------------------------------------------------------
 
 
@@ -333,6 +371,19 @@ def test_manifest_round_trip_and_listing(bucket: Bucket, rgw: S3Endpoint) -> Non
     bucket.delete_manifest("registry.ollama.ai", name, "latest")
     assert bucket.get_manifest("registry.ollama.ai", name, "latest") is None
     assert bucket.list_manifests() == [("host:5000", Name("library", "qwen2.5"), "7b")]
+    [entry] = bucket.manifest_objects().values()
+    assert entry.key == "site/manifests/host:5000/library/qwen2.5/7b" and abs(entry.modified - time.time()) < 60
+
+
+def test_pins(bucket: Bucket) -> None:
+    name = Name.parse("Team/Llama3.2")
+    bucket.set_pinned("registry.ollama.ai", name, "latest", True, b'{"by": "admin"}')
+    bucket.set_pinned("host:5000", Name.parse("qwen2.5"), "7b", True)
+    assert bucket.read_object("site/pins/registry.ollama.ai/team/llama3.2/latest") == b'{"by": "admin"}'
+    assert bucket.list_pins() == {("registry.ollama.ai", Name("team", "llama3.2"), "latest"),
+                                  ("host:5000", Name("library", "qwen2.5"), "7b")}
+    bucket.set_pinned("registry.ollama.ai", name, "latest", False)
+    assert bucket.list_pins() == {("host:5000", Name("library", "qwen2.5"), "7b")}
 
 
 # -- leases ---------------------------------------------------------------------------------------
@@ -430,6 +481,28 @@ def test_lease_unreadable_counts_as_expired(bucket: Bucket) -> None:
     damaged = leases.read(DIGEST)
     assert damaged is not None and damaged.expired
     assert leases.take_over(damaged, "b", "http://b", 30) is not None
+
+
+def test_lease_listing_and_clearing_an_expired_one(bucket: Bucket) -> None:
+    """gc clears a lease its replica left to expire, never a live one, and finds stale take-over markers."""
+    leases = Leases(bucket)
+    dead = expired_lease(leases)
+    alive = leases.acquire(Digest("cd" * 32), "alive", "http://alive", 30)
+    assert alive is not None
+    bucket.write_object(bucket.keys.takeover(Digest("ef" * 32)), json.dumps({"expires": time.time() - 1}).encode())
+    bucket.write_object(bucket.keys.takeover(alive.digest), json.dumps({"expires": time.time() + 30}).encode())
+    bucket.write_object(bucket.keys.gc_lock, b"{}")  # not a lease
+    found, stale = leases.all()
+    assert sorted(found, key=lambda lease: lease.owner) == [alive, dead]
+    assert stale == [Digest("ef" * 32)]
+    assert leases.clear(alive, "gc") is False  # held by another taker's marker
+    bucket.delete_object(bucket.keys.takeover(alive.digest))
+    assert leases.clear(alive, "gc") is False  # live
+    assert leases.clear(dead, "gc") is True
+    assert leases.read(DIGEST) is None and leases.read(alive.digest) == alive
+    assert bucket.read_object(bucket.keys.takeover(DIGEST)) is None  # its marker went with it
+    leases.remove_marker(Digest("ef" * 32))
+    assert leases.all() == ([alive], [])
 
 
 class IgnoresConditions(Bucket):
