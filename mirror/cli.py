@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO, TypeVar
 
 from . import __version__, eviction, logs, models, seeding
 from .access import load_keys
@@ -49,7 +49,11 @@ from .progress import Progress, human
 from .server import ListenError, build_server
 from .store import BlobStore
 
+if TYPE_CHECKING:
+    from .shared_admin import Inventory, SharedAdmin, SharedModel
+
 log = logging.getLogger("mirror")
+Found = TypeVar("Found", bound=CachedModel)
 
 
 ENV_NOTE = "Settings: /etc/ollama-mirror/config.toml (or --config), then OLLAMA_MIRROR_* variables, then flags; " \
@@ -375,24 +379,34 @@ def _stored_hosts(layout: Layout) -> list[str]:
 
 
 def _resolve(layout: Layout, text: str) -> CachedModel:
-    """A model as the user typed it. A full name (``host/ns/model:tag``) is looked up as stored. A
-    name without a host means the default registry's; if it is not there but exactly one other host
-    in the cache has it, that one, said on stderr: a cache filled through another upstream still
-    answers to the names its users type."""
-    ref = ModelRef.parse(text)
-    found = models.load(layout, ref.host or layout.host, ref.name, ref.tag)
-    if found is None and ref.host is None:
-        others = [m for host in _stored_hosts(layout) if host != layout.host
-                  if (m := models.load(layout, host, ref.name, ref.tag)) is not None]
-        if len(others) > 1:
-            raise ValueError(f"{text} is not under the default registry {layout.host}, and {len(others)} hosts "
-                             f"in the cache have it: name one in full ({', '.join(map(str, others))})")
-        if others:
-            found = others[0]
-            _tell(f"{text}: using {found} (the cache has it under {found.host}, not under the default registry "
-                  f"{layout.host})")
+    found = _find_local(layout, text)
     if found is None:
         raise ValueError(f"{text} is not in the cache at {layout.root}: `ollama-mirror ls` lists the names it has")
+    return found
+
+
+def _find_local(layout: Layout, text: str) -> CachedModel | None:
+    return _lookup(text, layout.host, lambda host, ref: models.load(layout, host, ref.name, ref.tag),
+                   _stored_hosts(layout), "the cache")
+
+
+def _lookup(text: str, default_host: str, load: Callable[[str, ModelRef], Found | None], hosts: Sequence[str],
+            where: str) -> Found | None:
+    """A model as the user typed it. A full name (``host/ns/model:tag``) is looked up as stored. A
+    name without a host means the default registry's; if it is not there but exactly one other host
+    in ``where`` has it, that one, said on stderr: a cache filled through another upstream still
+    answers to the names its users type."""
+    ref = ModelRef.parse(text)
+    found = load(ref.host or default_host, ref)
+    if found is None and ref.host is None:
+        others = [m for host in hosts if host != default_host if (m := load(host, ref)) is not None]
+        if len(others) > 1:
+            raise ValueError(f"{text} is not under the default registry {default_host}, and {len(others)} hosts "
+                             f"in {where} have it: name one in full ({', '.join(map(str, others))})")
+        if others:
+            found = others[0]
+            _tell(f"{text}: using {found} ({where} has it under {found.host}, not under the default registry "
+                  f"{default_host})")
     return found
 
 
@@ -419,6 +433,8 @@ async def _pull(settings: Settings, refs: list[ModelRef]) -> None:
 
 
 def cmd_import(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
+    """With --store, every model imported whole goes to the bucket too, for every replica to serve."""
+    admin = _shared(settings, "import") if settings.store else None
     store = BlobStore(cache.writable(create=True))
     if args.path == "-":  # a bundle on stdin: ollama-mirror export --to - | ssh host ollama-mirror import -
         bar = Progress("import from stdin", 0)
@@ -430,8 +446,21 @@ def cmd_import(settings: Settings, args: argparse.Namespace, cache: Cache) -> No
     bar.finish()
     _print_report(report)
     _note_other_hosts(report, settings)
+    if admin is not None and report.models:
+        _upload(admin, store, report.models)
     if report.refused:
         sys.exit(1)
+
+
+def _upload(admin: SharedAdmin, store: BlobStore, names: list[str]) -> None:
+    chosen = [m for ref in map(ModelRef.parse, names)
+              if (m := models.load(store.layout, ref.host or store.layout.host, ref.name, ref.tag)) is not None]
+    absent = admin.absent(chosen)
+    bar = Progress(f"upload to {admin.where}", sum(absent.values()))
+    done = admin.upload(store, chosen, absent, bar.advance)
+    bar.finish()
+    _tell(f"uploaded {len(done.models)} models to {admin.where}: {done.blobs} blobs ({human(done.bytes)}), "
+          f"{done.skipped} there already")
 
 
 def _note_other_hosts(report: seeding.Report, settings: Settings) -> None:
@@ -452,8 +481,12 @@ def _size_of(source: Path) -> int:
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
-    layout = cache.existing()
-    chosen = models.list_models(layout) if args.all else [_resolve(layout, text) for text in args.models]
+    """With --store, models the local cache lacks are fetched from the bucket into it first."""
+    if settings.store:
+        layout, chosen = cache.layout, _fetch_shared(settings, args, cache)
+    else:
+        layout = cache.existing()
+        chosen = models.list_models(layout) if args.all else [_resolve(layout, text) for text in args.models]
     if not chosen:
         raise ValueError("name models to export, or --all")
     total = sum(layer.size for layer in {layer for m in chosen for layer in m.blobs})
@@ -469,6 +502,35 @@ def cmd_export(settings: Settings, args: argparse.Namespace, cache: Cache) -> No
     _print_report(report, sys.stderr if args.to == "-" else None)
 
 
+def _fetch_shared(settings: Settings, args: argparse.Namespace, cache: Cache) -> list[CachedModel]:
+    from .shared_admin import SharedModel, tag_key
+
+    admin = _shared(settings, "export")
+    inventory = admin.inventory()
+    if args.all:
+        chosen: list[CachedModel] = models.list_models(cache.layout)
+        held = {tag_key(m.host, m.name, m.tag) for m in chosen}
+        for model in inventory.models:
+            if tag_key(model.host, model.name, model.tag) in held:
+                continue
+            if model.complete:
+                chosen.append(model)
+            else:
+                _tell(f"note: {model} is not whole in {admin.where} ({len(model.missing)} blobs missing): left out")
+    else:
+        chosen = [_find_local(cache.layout, text) or _resolve_shared(admin, inventory, text, settings)
+                  for text in args.models]
+    fetch = [m for m in chosen if isinstance(m, SharedModel)]
+    if fetch:
+        store = BlobStore(cache.writable(create=True))
+        bar = Progress(f"fetch from {admin.where}", sum(admin.lacking(store, fetch).values()))
+        copied = sum(admin.fetch(store, model, bar.advance) for model in fetch)
+        bar.finish()
+        _tell(f"fetched {len(fetch)} models from {admin.where} into the cache at {store.layout.root} "
+              f"({human(copied)})")
+    return chosen
+
+
 def _print_report(report: seeding.Report, stream: TextIO | None = None) -> None:
     """The outcome, as JSON on stdout (stderr when stdout carries the tar)."""
     print(json.dumps(report.as_dict(), indent=1), file=stream or sys.stdout)
@@ -476,41 +538,118 @@ def _print_report(report: seeding.Report, stream: TextIO | None = None) -> None:
 
 def cmd_ls(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
     """Names as the user types them to the other commands: ``qwen2.5:7b`` for the default
-    registry's library, the full name for another host's models."""
-    layout = cache.existing()
-    meta = Metadata(layout.meta)
-    rows = []
-    for m in models.list_models(layout):
-        record = meta.manifest(m.host, m.name, m.tag)
-        rows.append({"name": typed_name(m.host, m.name, m.tag, layout.host), "full_name": str(m),
-                     "id": m.digest.hex[:12], "size": m.size,
-                     "last_pulled": record.fetched_at if record else m.modified,
-                     "pinned": meta.is_pinned(m.host, m.name, m.tag)})
-    meta.close()
+    registry's library, the full name for another host's models. With --store, the bucket's
+    models, and whether the bucket holds every blob of each."""
+    if settings.store:
+        admin = _shared(settings, "ls")
+        rows = [{**_row(m, settings.default_host, m.modified, m.pinned), "complete": m.complete,
+                 "missing_blobs": [str(layer.digest) for layer in m.missing]} for m in admin.inventory().models]
+    else:
+        layout = cache.existing()
+        meta = Metadata(layout.meta)
+        rows = []
+        for m in models.list_models(layout):
+            record = meta.manifest(m.host, m.name, m.tag)
+            rows.append(_row(m, layout.host, record.fetched_at if record else m.modified,
+                             meta.is_pinned(m.host, m.name, m.tag)))
+        meta.close()
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'NAME':60} {'ID':12} {'SIZE':>10} {'LAST PULLED':20} PINNED")
+    complete = " COMPLETE" if settings.store else ""
+    print(f"{'NAME':60} {'ID':12} {'SIZE':>10} {'LAST PULLED':20} {'PINNED':6}{complete}".rstrip())
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(row["last_pulled"])))  # type: ignore[arg-type]
-        print(f"{row['name']:60} {row['id']:12} {human(int(row['size'])):>10} {when:20} "  # type: ignore[arg-type]
-              f"{'yes' if row['pinned'] else ''}")
+        line = (f"{row['name']:60} {row['id']:12} {human(int(row['size'])):>10} {when:20} "  # type: ignore[arg-type]
+                f"{'yes' if row['pinned'] else '':6}")
+        if "complete" in row:
+            missing = len(row["missing_blobs"])  # type: ignore[arg-type]
+            line += f" {'yes' if row['complete'] else f'no, {missing} blobs missing'}"
+        print(line.rstrip())
+
+
+def _row(m: CachedModel, default_host: str, last_pulled: float, pinned: bool) -> dict[str, object]:
+    return {"name": typed_name(m.host, m.name, m.tag, default_host), "full_name": str(m), "id": m.digest.hex[:12],
+            "size": m.size, "last_pulled": last_pulled, "pinned": pinned}
 
 
 def cmd_rm(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
     """Through the store's one deletion path: a blob another model names or a server is filling stays."""
+    if settings.store:
+        _rm_shared(settings, args, cache)
+        return
     store = BlobStore(cache.writable())
+    for text in args.models:
+        _rm_local(store, _resolve(store.layout, text), text)
+
+
+def _rm_local(store: BlobStore, model: CachedModel, text: str, place: str = "") -> None:
     meta = Metadata(store.layout.meta)
     try:
-        for text in args.models:
-            removed = store.remove([_resolve(store.layout, text)], meta=meta, by="rm")
-            _tell(f"removed {text} and {len(removed.blobs)} blobs no other model uses ({human(removed.freed)})")
+        removed = store.remove([model], meta=meta, by="rm")
     finally:
         meta.close()
+    _tell(f"removed {text}{place} and {len(removed.blobs)} blobs no other model uses ({human(removed.freed)})")
+
+
+def _rm_shared(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
+    """From the bucket (tag, then the blobs no other tag there names and no replica is filling), and
+    from this machine's cache where it has the model too."""
+    admin = _shared(settings, "rm")
+    inventory = admin.inventory()
+    for text in args.models:
+        shared = _lookup(text, settings.default_host, inventory.get, inventory.hosts, admin.where)
+        local = _find_local(cache.layout, text)
+        if shared is None and local is None:
+            raise ValueError(f"{text} is neither in {admin.where} nor in the cache at {cache.root}: "
+                             f"`ollama-mirror ls` lists the names the bucket has (with --store '', the cache's)")
+        store = BlobStore(cache.writable()) if local is not None else None  # checked before the bucket changes
+        if shared is None:
+            _tell(f"{text} is not in {admin.where}")
+        else:
+            removed = admin.remove(shared, inventory)
+            _tell(f"removed {text} from {admin.where} and {len(removed.blobs)} blobs no other model there uses "
+                  f"({human(removed.freed)})")
+            for digest, lease in removed.leased.items():
+                _tell(f"kept blob {digest.short} in {admin.where}: replica {lease.owner} is filling it "
+                      f"(its lease runs until {_clock(lease.expires)})")
+        if store is not None and local is not None:
+            _rm_local(store, local, text, f" from the cache at {cache.root}")
+
+
+def _shared(settings: Settings, command: str) -> SharedAdmin:
+    """The bucket the replicas share, checked first: a wrong bucket, endpoint or key is one line now.
+    boto3 is imported only by commands given a --store."""
+    from .bucket import Bucket, BucketLocation
+    from .shared_admin import SharedAdmin
+
+    bucket = Bucket.connect(BucketLocation.parse(settings.store), path_style=settings.s3_path_style)
+    bucket.check()
+    return SharedAdmin(bucket, f"ollama-mirror {command} on {socket.gethostname()} (pid {os.getpid()})")
+
+
+def _resolve_shared(admin: SharedAdmin, inventory: Inventory, text: str, settings: Settings) -> SharedModel:
+    found = _lookup(text, settings.default_host, inventory.get, inventory.hosts, admin.where)
+    if found is None:
+        raise ValueError(f"{text} is not in {admin.where}: `ollama-mirror ls --store {admin.where}` lists the "
+                         f"names it has")
+    return found
+
+
+def _clock(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
 
 def cmd_pin(settings: Settings, args: argparse.Namespace, cache: Cache, pinned: bool = True) -> None:
-    """Pins live in the metadata database, which a running server's eviction reads on every run."""
+    """Pins live in the metadata database, which a running server's eviction reads on every run;
+    with --store, in the bucket (``pins/``), which ``gc --store`` honours."""
+    if settings.store:
+        admin = _shared(settings, "pin" if pinned else "unpin")
+        inventory = admin.inventory()
+        for text in args.models:
+            admin.set_pinned(_resolve_shared(admin, inventory, text, settings), pinned)
+            _tell(f"{'pinned' if pinned else 'unpinned'} {text} in {admin.where}")
+        return
     layout = cache.writable()
     meta = Metadata(layout.meta)
     try:
@@ -523,13 +662,22 @@ def cmd_pin(settings: Settings, args: argparse.Namespace, cache: Cache, pinned: 
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
-    layout = cache.writable()  # a bad blob is moved aside
-    bar = Progress("verify", sum(p.stat().st_size for p in layout.blobs.glob("sha256-*")))
-    bad = seeding.verify_store(layout, bar.advance)
-    bar.finish("bad blobs found" if bad else "all blobs verified")
-    for digest, users in bad.items():
-        _tell(f"bad {digest}: moved to {layout.state / 'quarantine'}; breaks {', '.join(users) or 'no model'}")
-    if bad:
+    """With --store, the bucket's blobs, streamed from it (the local cache is verified without)."""
+    if settings.store:
+        admin = _shared(settings, "verify")
+        inventory = admin.inventory()
+        bar = Progress(f"verify {admin.where}", inventory.usage)
+        found = {str(digest): (moved, [str(m) for m in users])
+                 for digest, (moved, users) in admin.verify(inventory, bar.advance).items()}
+    else:
+        layout = cache.writable()  # a bad blob is moved aside
+        bar = Progress("verify", sum(p.stat().st_size for p in layout.blobs.glob("sha256-*")))
+        found = {digest: (str(layout.state / "quarantine"), users)
+                 for digest, users in seeding.verify_store(layout, bar.advance).items()}
+    bar.finish("bad blobs found" if found else "all blobs verified")
+    for digest, (moved, users) in found.items():
+        _tell(f"bad {digest}: moved to {moved}; breaks {', '.join(users) or 'no model'}")
+    if found:
         sys.exit(1)
 
 
@@ -543,6 +691,9 @@ def cmd_freeze(settings: Settings, args: argparse.Namespace, cache: Cache) -> No
 
 
 def cmd_gc(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
+    if settings.store:
+        _gc_shared(settings, args, cache.sources)
+        return
     store = BlobStore(cache.existing() if args.dry_run else cache.writable())
     high = settings.max_bytes()
     low = int(high * settings.low_watermark) if high is not None else None
@@ -561,6 +712,57 @@ def cmd_gc(settings: Settings, args: argparse.Namespace, cache: Cache) -> None:
               f"{human(done.freed)} ({len(done.models)} models, {len(done.blobs)} blobs)")
     finally:
         meta.close()
+
+
+def _gc_shared(settings: Settings, args: argparse.Namespace, sources: Mapping[str, str]) -> None:
+    """The bucket alone (each replica's eviction keeps its own cache); one gc at a time, under its lock."""
+    admin = _shared(settings, "gc")
+    high = _bucket_max_size(settings, sources)
+    low = int(high * settings.low_watermark) if high is not None else None
+    if args.dry_run:
+        done = admin.plan_gc(high, low)
+    else:
+        with admin.gc_lock():
+            done = admin.collect(admin.plan_gc(high, low))
+    would = "would " if args.dry_run else ""
+    for model in done.models:
+        print(f"{would}evict {model.display_name}  {human(model.size)}")
+    evicted = {digest for model in done.models for digest in model.manifest.sizes}
+    for digest, size in sorted(done.blobs.items(), key=lambda item: item[0].hex):
+        if digest not in evicted:
+            print(f"{would}remove unused blob {digest.short}  {human(size)}")
+    for upload, size in done.uploads:
+        blob = admin.bucket.keys.blob_digest(upload.key)
+        print(f"{would}abort the unfinished upload of {blob.short if blob else upload.key} started "
+              f"{_clock(upload.started)}  {human(size)}")
+    for lease in done.leases:
+        print(f"{would}remove the expired lease of blob {lease.digest.short} (replica {lease.owner or 'unknown'}, "
+              f"expired {_clock(lease.expires)})")
+    for digest in done.markers:
+        print(f"{would}remove the stale take-over marker of blob {digest.short}")
+    for digest, lease in done.leased.items():
+        print(f"keep unused blob {digest.short}: replica {lease.owner} is filling it")
+    if done.young:
+        print(f"keep {len(done.young)} unused blobs uploaded in the last {admin.grace / 60:.0f} minutes "
+              f"({human(sum(done.young.values()))}): a replica or import may not have written their manifest yet")
+    limit = f", low watermark {human(done.low)}" if high is not None else ""
+    _tell(f"bucket {admin.where} {human(done.usage)}{limit}: {'would free' if args.dry_run else 'freed'} "
+          f"{human(done.freed)} ({len(done.models)} models, {len(done.blobs)} blobs, {len(done.uploads)} uploads, "
+          f"{len(done.leases)} leases)")
+
+
+def _bucket_max_size(settings: Settings, sources: Mapping[str, str]) -> int | None:
+    """Only a --max-size given to gc itself sizes the bucket: a configured max_size is each
+    replica's own cache's, which would evict a large bucket to a small disk's size."""
+    if sources.get("max_size") != "command line":
+        if settings.max_size:
+            _tell(f"note: {named('max_size', sources)} ({settings.max_size}) is the size of each replica's cache, "
+                  f"not of the bucket: give gc --max-size SIZE to evict from the bucket")
+        return None
+    if settings.max_size.strip().endswith("%"):
+        raise ValueError(f"--max-size {settings.max_size} is a share of a disk, and a bucket has none: give a "
+                         f"size, such as 500G")
+    return settings.max_bytes()
 
 
 SERVICE_CACHE = Path("/var/cache/ollama-mirror")  # the systemd unit's
