@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, BinaryIO, Self, cast
 
 import boto3
 from botocore.config import Config
@@ -430,7 +430,7 @@ class Bucket:
         self.delete_object(self.keys.blob(digest))
 
     @contextmanager
-    def read_blob(self, digest: Digest) -> Iterator[io.RawIOBase | None]:
+    def read_blob(self, digest: Digest) -> Iterator[BinaryIO | None]:
         """The blob's bytes as a stream, for hashing or a verified copy; None when it is not there.
         A failure mid-way raises ``StoreUnavailable``."""
         key = self.keys.blob(digest)
@@ -441,7 +441,7 @@ class Bucket:
             yield None
             return
         with body:
-            yield _Body(body, lambda: self._errors(f"GetObject {key}"))
+            yield cast(BinaryIO, _Body(body, lambda: self._errors(f"GetObject {key}")))
 
     def quarantine_blob(self, digest: Digest) -> str:
         """Move the blob to ``bad/`` (kept there for a look, out of every replica's way); its new key.

@@ -394,9 +394,9 @@ class SharedAdmin:
         """Copy a bucket model into the local cache: each blob it lacks, verified before it takes its
         final name, then the manifest. Returns the bytes copied."""
         if model.missing:
-            raise ValueError(f"{model} is not whole in {self.where}: {len(model.missing)} of its blobs are not there "
-                             f"(a replica may still be filling them, e.g. {model.missing[0].digest.short}); pull it "
-                             f"through a replica, or export it from a replica's cache")
+            raise ValueError(f"{model} is not whole in {self.where}: {len(model.missing)} of its blobs are missing there "
+                             f"or of another size ({model.missing[0].digest.short}; a replica may still be filling it): "
+                             f"pull it through a replica, or export it from a replica's cache")
         copied = 0
         for layer in {layer.digest: layer for layer in model.blobs}.values():
             if store.blob_size(layer.digest) == layer.size:

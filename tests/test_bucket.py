@@ -321,7 +321,7 @@ def test_blob_read_streams_and_a_bad_one_moves_to_bad(bucket: Bucket, rgw: S3End
     digest = uploaded(bucket, tmp_path, 9 * MiB + 3)
     with bucket.read_blob(digest) as body:
         assert body is not None
-        actual, size = hash_stream(body)  # type: ignore[arg-type]
+        actual, size = hash_stream(body)
     assert (actual, size) == (digest.hex, 9 * MiB + 3)
     with bucket.read_blob(Digest("0" * 64)) as missing:
         assert missing is None
