@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -106,9 +107,17 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 # -- a real S3 engine: Ceph RGW (tests/s3.py) ------------------------------------------------------
 
-from mirror.bucket import Bucket, BucketLocation  # noqa: E402  (beside the fixtures that use them)
+from mirror.bucket import Bucket, BucketLocation
 
-from .s3 import S3Endpoint, create_bucket, remove_bucket, rgw_environ, start_rgw, stop_rgw  # noqa: E402
+from .s3 import (
+    S3Endpoint,
+    create_bucket,
+    remove_bucket,
+    rgw_environ,
+    s3_client,
+    start_rgw,
+    stop_rgw,
+)
 
 
 @pytest.fixture(scope="session")
@@ -136,3 +145,17 @@ def bucket(rgw: S3Endpoint) -> Iterator[Bucket]:
     name = create_bucket(s3)
     yield rgw.connect(BucketLocation(name, "site/"))
     remove_bucket(s3, name)
+
+
+@pytest.fixture
+def bucket_url(rgw: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket; mirror processes find the endpoint and keys in the environment, as any AWS
+    SDK does. The endpoint is named ``localhost`` while mirrors are ``127.0.0.1``: Ollama follows a
+    redirect to its own host name, and a presigned URL must be another host."""
+    endpoint = rgw.url.replace("127.0.0.1", "localhost")
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": rgw.access_key,
+                       "AWS_SECRET_ACCESS_KEY": rgw.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    name = f"mirror-{uuid.uuid4().hex[:12]}"
+    s3_client().create_bucket(Bucket=name)
+    return f"s3://{name}/models"

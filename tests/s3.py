@@ -108,3 +108,21 @@ def remove_bucket(s3: Any, name: str) -> None:
         for entry in page.get("Contents", []):
             s3.delete_object(Bucket=name, Key=entry["Key"])
     s3.delete_bucket(Bucket=name)
+
+
+def s3_client() -> Any:
+    """A plain client on the endpoint the ``bucket_url`` fixture put in the environment, path-style."""
+    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+                        config=boto3.session.Config(s3={"addressing_style": "path"}))
+
+
+def bucket_objects(url: str) -> dict[str, int]:
+    """Key (under the prefix) -> size of every object of an ``s3://BUCKET/PREFIX`` location."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    found = s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"].removeprefix(prefix + "/"): o["Size"] for o in found}
+
+
+def bucket_blob(url: str, digest: str) -> bytes:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    return s3_client().get_object(Bucket=bucket, Key=f"{prefix}/blobs/{digest.replace(':', '-')}")["Body"].read()

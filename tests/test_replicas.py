@@ -12,16 +12,14 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
 
 from .fakes import Blob, FakeRegistry, MirrorProcess, assert_store_verified, write_blob
-from .s3 import S3Endpoint
+from .s3 import bucket_blob, bucket_objects, s3_client
 
 MB = 1_000_000
 
@@ -32,37 +30,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def bucket_url(rgw: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket; the replicas (child processes) find the endpoint and keys in the environment,
-    as any AWS SDK does. The endpoint is named ``localhost`` while the replicas are ``127.0.0.1``:
-    Ollama follows a redirect to the same host name, and a presigned URL is another host."""
-    endpoint = rgw.url.replace("127.0.0.1", "localhost")
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": rgw.access_key,
-                       "AWS_SECRET_ACCESS_KEY": rgw.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    name = f"mirror-{uuid.uuid4().hex[:12]}"
-    _s3().create_bucket(Bucket=name)
-    return f"s3://{name}/models"
-
-
-def _s3():  # type: ignore[no-untyped-def]
-    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
-                        config=boto3.session.Config(s3={"addressing_style": "path"}))
-
-
-def _bucket_objects(url: str) -> dict[str, int]:
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    found = _s3().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
-    return {o["Key"].removeprefix(prefix + "/"): o["Size"] for o in found}
-
-
-def _bucket_blob(url: str, digest: str) -> bytes:
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    key = f"{prefix}/blobs/{digest.replace(':', '-')}"
-    return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 @pytest.fixture
@@ -125,17 +92,17 @@ def test_ten_clients_over_two_replicas_cost_upstream_one_blob(
     deadline = time.monotonic() + 30  # the filler uploads, then lets its lease go
     while time.monotonic() < deadline and not _uploaded(bucket_url, blob):
         time.sleep(0.2)
-    objects = _bucket_objects(bucket_url)
+    objects = bucket_objects(bucket_url)
     assert objects[f"blobs/{blob.digest.replace(':', '-')}"] == blob.size
     assert not [k for k in objects if k.startswith("leases/")]
-    assert _digest_of(_bucket_blob(bucket_url, blob.digest)) == blob.digest
+    assert _digest_of(bucket_blob(bucket_url, blob.digest)) == blob.digest
     logs = a.log.read_text() + b.log.read_text()
     assert len(re.findall(r"fill start .*source=upstream", logs)) == 1, logs[-3000:]
     assert re.search(r"fill start .*source=peer [ab]", logs), logs[-3000:]
 
 
 def _uploaded(url: str, blob: Blob) -> bool:
-    objects = _bucket_objects(url)
+    objects = bucket_objects(url)
     return f"blobs/{blob.digest.replace(':', '-')}" in objects and not any(k.startswith("leases/") for k in objects)
 
 
@@ -158,7 +125,7 @@ def test_a_killed_filler_is_taken_over_and_nothing_unverified_reaches_the_bucket
         time.sleep(0.05)
     a.stop(signal.SIGKILL)
     killed_at = time.monotonic()
-    assert f"blobs/{blob.digest.replace(':', '-')}" not in _bucket_objects(bucket_url)
+    assert f"blobs/{blob.digest.replace(':', '-')}" not in bucket_objects(bucket_url)
     registry.cdn.rate = None
     client.join(120)
     assert not errors, errors
@@ -171,7 +138,7 @@ def test_a_killed_filler_is_taken_over_and_nothing_unverified_reaches_the_bucket
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not _uploaded(bucket_url, blob):
         time.sleep(0.2)
-    assert _digest_of(_bucket_blob(bucket_url, blob.digest)) == blob.digest
+    assert _digest_of(bucket_blob(bucket_url, blob.digest)) == blob.digest
     for label in ("a", "b"):
         assert_store_verified(Path(b.log).parent.parent / label / "cache")
 
@@ -227,7 +194,7 @@ def test_real_client_gets_warm_bytes_from_the_bucket_with_blob_redirect(
 
 def _served(mirror: MirrorProcess) -> float:
     text = httpx.get(f"{mirror.url}/metrics").text
-    return sum(float(v) for v in re.findall(r"^ollama_mirror_served_bytes_total(?:\{[^}]*\})? (\S+)$", text, re.M))
+    return sum(float(v) for v in re.findall(r"^ollama_mirror_served_bytes_total(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE))
 
 
 def test_every_replica_shows_the_others_and_what_each_fills(registry: FakeRegistry, replica: Replica) -> None:
@@ -269,7 +236,7 @@ def test_a_cache_from_before_the_bucket_is_shared_at_start(registry: FakeRegistr
         alone.stop(signal.SIGTERM)
     a = replica("a")  # the same cache, now on the bucket
     deadline = time.monotonic() + 30
-    while not _uploaded(bucket_url, blob) or not any(k.startswith("manifests/") for k in _bucket_objects(bucket_url)):
+    while not _uploaded(bucket_url, blob) or not any(k.startswith("manifests/") for k in bucket_objects(bucket_url)):
         assert time.monotonic() < deadline, a.log.read_text()[-2000:]
         time.sleep(0.2)
     assert re.search(r"bucket sync blobs=\d+ bytes=\d+ tags=1", a.log.read_text())
@@ -321,7 +288,7 @@ def test_with_the_bucket_gone_a_replica_still_fills_and_serves(registry: FakeReg
 
 def _delete_bucket(url: str) -> None:
     bucket = url.removeprefix("s3://").partition("/")[0]
-    s3 = _s3()
+    s3 = s3_client()
     for _ in range(5):  # a heartbeat may land between the listing and the delete
         for found in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
             s3.delete_object(Bucket=bucket, Key=found["Key"])

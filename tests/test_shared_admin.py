@@ -21,8 +21,7 @@ from mirror.names import Digest
 from mirror.progress import human
 
 from .fakes import MirrorProcess, assert_store_verified
-from .s3 import S3Endpoint
-from .test_replicas import _bucket_objects, _s3, bucket_url  # noqa: F401 - bucket_url is a fixture
+from .s3 import S3Endpoint, bucket_objects, s3_client
 
 HOST = "registry.ollama.ai"  # the default registry: its library models are named as users type them
 MB = 1_000_000
@@ -85,7 +84,7 @@ def usb(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def imported(usb: Path, bucket_url: str, tmp_path: Path) -> Path:  # noqa: F811
+def imported(usb: Path, bucket_url: str, tmp_path: Path) -> Path:
     """Both models imported into a cache and uploaded to the bucket; the cache."""
     cache = tmp_path / "a"
     result = cli("import", str(usb), cache=cache, store=bucket_url)
@@ -98,11 +97,11 @@ def bucket_of(rgw: S3Endpoint, url: str) -> Bucket:
 
 
 def test_import_uploads_and_another_cache_lists_and_a_replica_serves(
-        usb: Path, bucket_url: str, tmp_path: Path) -> None:  # noqa: F811
+        usb: Path, bucket_url: str, tmp_path: Path) -> None:
     result = cli("import", str(usb), cache=tmp_path / "a", store=bucket_url)
     assert result.returncode == 0, result.stderr
     assert f"uploaded 2 models to {bucket_url}/: 4 blobs (3.0 MB), 0 there already" in said(result)
-    objects = _bucket_objects(bucket_url)
+    objects = bucket_objects(bucket_url)
     assert objects[blob_key(WEIGHTS)] == len(WEIGHTS)
     assert {key for key in objects if key.startswith("manifests/")} == {
         f"manifests/{HOST}/library/tiny/1b", f"manifests/{HOST}/library/other/latest"}
@@ -134,7 +133,7 @@ def test_import_uploads_and_another_cache_lists_and_a_replica_serves(
 
 
 def test_rm_removes_the_tag_and_blobs_no_other_tag_uses_but_not_a_leased_one(
-        imported: Path, rgw: S3Endpoint, bucket_url: str) -> None:  # noqa: F811
+        imported: Path, rgw: S3Endpoint, bucket_url: str) -> None:
     bucket = bucket_of(rgw, bucket_url)
     lease = Leases(bucket).acquire(Digest(sha(TINY_TEMPLATE)), "replica-b", "http://b:11434", 60)
     assert lease is not None
@@ -145,7 +144,7 @@ def test_rm_removes_the_tag_and_blobs_no_other_tag_uses_but_not_a_leased_one(
     assert lines[1].startswith(f"kept blob sha256:{sha(TINY_TEMPLATE)[:12]} in {bucket_url}/: replica replica-b is "
                                f"filling it (its lease runs until ")
     assert lines[2] == f"removed tiny:1b from the cache at {imported} and 2 blobs no other model uses ({human(len(TINY_CONFIG + TINY_TEMPLATE))})"
-    objects = _bucket_objects(bucket_url)
+    objects = bucket_objects(bucket_url)
     assert f"manifests/{HOST}/library/tiny/1b" not in objects
     assert blob_key(TINY_CONFIG) not in objects
     assert blob_key(WEIGHTS) in objects  # other:latest uses it
@@ -159,8 +158,8 @@ def test_rm_removes_the_tag_and_blobs_no_other_tag_uses_but_not_a_leased_one(
 
 
 def test_gc_removes_what_nothing_uses_but_never_a_live_lease_s_blob(
-        imported: Path, rgw: S3Endpoint, bucket_url: str) -> None:  # noqa: F811
-    bucket, s3 = bucket_of(rgw, bucket_url), _s3()
+        imported: Path, rgw: S3Endpoint, bucket_url: str) -> None:
+    bucket, s3 = bucket_of(rgw, bucket_url), s3_client()
     name, prefix = bucket.location.bucket, bucket.location.prefix
     orphan, filling = b"left by an interrupted import", b"being filled by a replica"
     for data in (orphan, filling):
@@ -201,7 +200,7 @@ def test_gc_removes_what_nothing_uses_but_never_a_live_lease_s_blob(
     assert f"abort the unfinished upload of sha256:{'ab' * 6} started " in out[1] and out[1].endswith("  1.0 MB")
     assert f"keep unused blob sha256:{sha(filling)[:12]}: replica replica-b is filling it" in out
     assert said(result)[-1].endswith(": freed 1.0 MB (0 models, 1 blobs, 1 uploads, 1 leases)"), result.stderr
-    objects = _bucket_objects(bucket_url)
+    objects = bucket_objects(bucket_url)
     assert blob_key(orphan) not in objects and blob_key(filling) in objects
     assert blob_key(WEIGHTS) in objects and len([k for k in objects if k.startswith("manifests/")]) == 2
     assert {k for k in objects if k.startswith("leases/")} == {f"leases/sha256-{sha(filling)}"}  # the lock went too
@@ -209,7 +208,7 @@ def test_gc_removes_what_nothing_uses_but_never_a_live_lease_s_blob(
 
 
 def test_gc_max_size_evicts_the_least_recently_written_but_never_a_pinned_one(
-        tmp_path: Path, bucket_url: str) -> None:  # noqa: F811
+        tmp_path: Path, bucket_url: str) -> None:
     cache = tmp_path / "a"
     for seed, name in enumerate(["old", "older", "new"]):  # written in this order: "old" first
         root = tmp_path / name
@@ -236,10 +235,10 @@ def test_gc_max_size_evicts_the_least_recently_written_but_never_a_pinned_one(
 
 
 def test_verify_moves_a_blob_replaced_behind_the_mirror_s_back_and_export_refuses_it(
-        imported: Path, rgw: S3Endpoint, bucket_url: str, tmp_path: Path) -> None:  # noqa: F811
+        imported: Path, rgw: S3Endpoint, bucket_url: str, tmp_path: Path) -> None:
     bucket = bucket_of(rgw, bucket_url)
     assert cli("verify", cache=imported, store=bucket_url).returncode == 0
-    _s3().put_object(Bucket=bucket.location.bucket, Key=bucket.keys.blob(Digest(sha(TINY_TEMPLATE))),
+    s3_client().put_object(Bucket=bucket.location.bucket, Key=bucket.keys.blob(Digest(sha(TINY_TEMPLATE))),
                      Body=b"{{ .Evil }}!!")
     elsewhere = tmp_path / "b"
     refused = cli("export", "tiny:1b", "--to", str(tmp_path / "out"), cache=elsewhere, store=bucket_url)
@@ -253,7 +252,7 @@ def test_verify_moves_a_blob_replaced_behind_the_mirror_s_back_and_export_refuse
     assert said(result)[-1] == (
         f"bad sha256:{sha(TINY_TEMPLATE)}: moved to {bucket_url}/bad/sha256-{sha(TINY_TEMPLATE)}; breaks "
         f"{HOST}/library/tiny:1b")
-    objects = _bucket_objects(bucket_url)
+    objects = bucket_objects(bucket_url)
     assert blob_key(TINY_TEMPLATE) not in objects and f"bad/sha256-{sha(TINY_TEMPLATE)}" in objects
     assert cli("verify", cache=imported, store=bucket_url).returncode == 0
     listed = {row["name"]: row for row in json.loads(cli("ls", "--json", cache=imported, store=bucket_url).stdout)}
@@ -261,7 +260,7 @@ def test_verify_moves_a_blob_replaced_behind_the_mirror_s_back_and_export_refuse
 
 
 def test_export_fetches_a_model_only_in_the_bucket_verified(
-        imported: Path, bucket_url: str, tmp_path: Path) -> None:  # noqa: F811
+        imported: Path, bucket_url: str, tmp_path: Path) -> None:
     cache, out = tmp_path / "b", tmp_path / "out"
     result = cli("export", "other", "--to", str(out), cache=cache, store=bucket_url)
     assert result.returncode == 0, result.stderr
