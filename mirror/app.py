@@ -161,7 +161,8 @@ async def open_mirror(settings: Settings) -> AsyncIterator[Mirror]:
                   for host, url in settings.registry_urls.items()}
     mirror = Mirror(settings, layout, store, meta, engine, registries)
     eviction_task = _start_eviction(mirror)
-    heartbeat = asyncio.get_running_loop().create_task(replicas.heartbeat(), name="heartbeat") if replicas else None
+    heartbeat = asyncio.get_running_loop().create_task(
+        replicas.heartbeat(store, lambda tags: mirror.remove(tags, by="bucket")), name="heartbeat") if replicas else None
     sync = asyncio.get_running_loop().create_task(asyncio.to_thread(replicas.sync_up, store)) if replicas else None
     try:
         yield mirror

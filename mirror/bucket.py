@@ -13,6 +13,8 @@ Under the prefix the bucket is laid out as an Ollama models directory, so an adm
                                                      started, last seen, the fills it runs
       peer-token                                     the bearer token replicas present to each other (made once)
       pins/<host>/<namespace>/<model>/<tag>          a pinned tag (``ollama-mirror pin``): gc never evicts it
+      removed/<host>/<namespace>/<model>/<tag>       a tag ``rm`` or gc removed, JSON {digest, at}: every replica
+                                                     drops its own copy, and never uploads it again
       bad/sha256-<hex>                               a blob ``ollama-mirror verify`` found not to match its name
 
 A blob is uploaded from a local file whose digest was checked: in one ``PutObject``, or in a
@@ -29,7 +31,9 @@ roles). Above this module, code sees ``MirrorError``s only.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import logging
 import os
 import re
@@ -48,7 +52,7 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 
-from .errors import NameInvalid, StoreFull, StoreUnavailable
+from .errors import DigestInvalid, NameInvalid, StoreFull, StoreUnavailable
 from .names import Digest, Name, is_registry_host, parse_tag
 
 log = logging.getLogger(__name__)
@@ -123,6 +127,10 @@ class BucketKeys:
         return f"{self.prefix}pins/"
 
     @property
+    def removed(self) -> str:
+        return f"{self.prefix}removed/"
+
+    @property
     def bad(self) -> str:
         return f"{self.prefix}bad/"
 
@@ -139,6 +147,9 @@ class BucketKeys:
 
     def pin(self, host: str, name: Name, tag: str) -> str:
         return f"{self.pins}{_tag_path(host, name, tag)}"
+
+    def removal(self, host: str, name: Name, tag: str) -> str:
+        return f"{self.removed}{_tag_path(host, name, tag)}"
 
     def lease(self, digest: Digest) -> str:
         return f"{self.leases}sha256-{digest.hex}"
@@ -165,6 +176,10 @@ class BucketKeys:
     def manifest_tag(self, key: str) -> tuple[str, Name, str] | None:
         """``(host, name, tag)`` of a key under ``manifests/``, or None for one that names no tag."""
         return self._tag(key, self.manifests)
+
+    def removal_tag(self, key: str) -> tuple[str, Name, str] | None:
+        """``(host, name, tag)`` of a key under ``removed/``, or None."""
+        return self._tag(key, self.removed)
 
     def pin_tag(self, key: str) -> tuple[str, Name, str] | None:
         """``(host, name, tag)`` of a key under ``pins/``, or None."""
@@ -490,7 +505,9 @@ class Bucket:
         return self.read_object(self.keys.manifest(host, name, tag))
 
     def put_manifest(self, host: str, name: Name, tag: str, data: bytes) -> None:
+        """The tag, for every replica; a removal of it said earlier no longer holds."""
         self.write_object(self.keys.manifest(host, name, tag), data)
+        self.delete_object(self.keys.removal(host, name, tag))
 
     def delete_manifest(self, host: str, name: Name, tag: str) -> None:
         self.delete_object(self.keys.manifest(host, name, tag))
@@ -509,6 +526,23 @@ class Bucket:
         return found
 
     # -- pins ------------------------------------------------------------------
+
+    def mark_removed(self, host: str, name: Name, tag: str, digest: Digest) -> None:
+        """Say that the tag (as ``digest``) was removed: replicas drop their copies of it."""
+        note = json.dumps({"digest": str(digest), "at": time.time()}).encode()
+        self.write_object(self.keys.removal(host, name, tag), note)
+
+    def removed_tags(self) -> set[tuple[str, Name, str]]:
+        """Every tag said removed (lowercased, as manifest keys are)."""
+        found = (self.keys.removal_tag(entry.key) for entry in self.list_objects(self.keys.removed))
+        return {tag for tag in found if tag is not None}
+
+    def removed_digest(self, host: str, name: Name, tag: str) -> Digest | None:
+        """The manifest digest the tag had when it was removed, or None (not removed, or unreadable)."""
+        data = self.read_object(self.keys.removal(host, name, tag))
+        with contextlib.suppress(ValueError, KeyError, TypeError, DigestInvalid):
+            return Digest.parse(json.loads(data or b"")["digest"])
+        return None
 
     def list_pins(self) -> set[tuple[str, Name, str]]:
         """``(host, name, tag)`` of every pinned tag (lowercased, as manifest keys are)."""

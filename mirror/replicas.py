@@ -28,7 +28,7 @@ import secrets
 import threading
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .bucket import Bucket
     from .leases import Lease
     from .roster import Replica
+    from .models import CachedModel
     from .store import BlobStore
     from .fill import Fill
 
@@ -266,14 +267,17 @@ class Replicas:
         try:
             in_bucket = self.bucket.list_blobs()
             tags = self.bucket.list_manifests()
+            removed = self.bucket.removed_tags()
         except Exception as exc:  # noqa: BLE001
             log.warning("bucket sync skipped reason=%s", exc)
             return
+        gone = {_key_of(t) for t in removed}
+        kept = [m for m in list_models(store.layout) if _key(m.host, m.name, m.tag) not in gone]
         local = stored_blobs(store.layout)
-        missing = {d: s.st_size for d, s in local.items() if in_bucket.get(d) != s.st_size}
-        shared = {(host.lower(), str(name).lower(), tag.lower()) for host, name, tag in tags}
-        models = [m for m in list_models(store.layout)
-                  if (m.host.lower(), str(m.name).lower(), m.tag.lower()) not in shared]
+        wanted = {layer.digest for m in kept for layer in m.manifest.blobs}  # not an orphan, nor a removed tag's
+        missing = {d: s.st_size for d, s in local.items() if d in wanted and in_bucket.get(d) != s.st_size}
+        shared = {_key_of(t) for t in tags}
+        models = [m for m in kept if _key(m.host, m.name, m.tag) not in shared]
         if not missing and not models:
             return
         log.info("bucket sync blobs=%d bytes=%d tags=%d reason=in this replica's cache, not in the bucket",
@@ -307,9 +311,10 @@ class Replicas:
             log.warning("bucket manifest not read name=%s tag=%s reason=%s", name, tag, exc)
             return None
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self, store: BlobStore, drop: Callable[[list[CachedModel]], Awaitable[object]]) -> None:
         """Say in the bucket who this replica is and what it fills, and read what the others said, so
-        the status page of any replica shows them all. Retired on the way out."""
+        the status page of any replica shows them all; ``drop`` the local copies of tags removed from
+        the bucket (``ollama-mirror rm`` or gc on the bucket). Retired on the way out."""
         from .roster import Replica
 
         me = Replica(self.id, self.url, __version__, time.time())
@@ -318,12 +323,28 @@ class Replicas:
                 me = replace(me, fills=tuple(d for d, source in self.filling.items() if source == "upstream"))
                 try:
                     self.seen = await asyncio.to_thread(self._beat, me)
+                    removed = await asyncio.to_thread(self.removed_here, store)
                 except Exception as exc:  # noqa: BLE001
                     log.warning("bucket heartbeat failed replica=%s reason=%s", self.id, exc)
+                    removed = []
+                if removed:
+                    log.info("bucket removed tags=%s: dropping this replica's copies",
+                             ",".join(str(m) for m in removed))
+                    await drop(removed)
                 await asyncio.sleep(HEARTBEAT_EVERY)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(asyncio.to_thread(self.roster.retire, self.id))
+
+    def removed_here(self, store: BlobStore) -> list[CachedModel]:
+        """Blocking: the tags of this replica's cache that were removed from the bucket as they are here."""
+        from .models import list_models
+
+        gone = {_key_of(t) for t in self.bucket.removed_tags()}
+        if not gone:
+            return []
+        return [m for m in list_models(store.layout) if _key(m.host, m.name, m.tag) in gone
+                and self.bucket.removed_digest(m.host, m.name, m.tag) == m.digest]
 
     def _beat(self, me: Replica) -> list[Replica]:
         self.roster.announce(me)
@@ -336,6 +357,15 @@ class Replicas:
                 "replicas": [{"id": r.id, "url": r.url, "version": r.version, "started": r.started,
                               "last_seen": r.last_seen, "gone": r.gone, "fills": [str(d) for d in r.fills]}
                              for r in self.seen]}
+
+
+def _key(host: str, name: Name, tag: str) -> tuple[str, str, str]:
+    """A tag as the bucket's keys spell it: lowercased."""
+    return host.lower(), str(name).lower(), tag.lower()
+
+
+def _key_of(tag: tuple[str, Name, str]) -> tuple[str, str, str]:
+    return _key(*tag)
 
 
 def default_replica_id(listen: str) -> str:

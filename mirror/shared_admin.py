@@ -184,8 +184,7 @@ class SharedAdmin:
         """Remove the tag, then its blobs no other tag in the bucket names and no replica is filling.
         ``inventory`` is updated to match."""
         removed = Removed()
-        self.bucket.delete_manifest(model.host, model.name, model.tag)
-        log.info("removed model=%s size=%d by=rm store=%s", model, model.size, self.where)
+        self._drop_tag(model, "rm")
         removed.models.append(model)
         inventory.models.remove(model)
         named = {digest for other in inventory.models for digest in other.manifest.sizes}
@@ -197,6 +196,13 @@ class SharedAdmin:
             removed.blobs[digest] = candidates[digest]
             inventory.blobs.pop(digest, None)
         return removed
+
+    def _drop_tag(self, model: SharedModel, by: str) -> None:
+        """Remove the tag from the bucket, saying so first, so that every replica drops its own copy
+        (and none uploads it again from its cache)."""
+        self.bucket.mark_removed(model.host, model.name, model.tag, model.digest)
+        self.bucket.delete_manifest(model.host, model.name, model.tag)
+        log.info("removed model=%s size=%d by=%s store=%s", model, model.size, by, self.where)
 
     def _still_unused(self, candidates: dict[Digest, int], since: float) -> tuple[list[Digest], dict[Digest, Lease]]:
         """Those of ``candidates`` that are still unused now: neither named by a live lease nor by a
@@ -256,8 +262,7 @@ class SharedAdmin:
         """Carry out the plan: tags first, then blobs still unused, uploads, markers, leases."""
         done = plan.done()
         for model in plan.models:
-            self.bucket.delete_manifest(model.host, model.name, model.tag)
-            log.info("removed model=%s size=%d by=gc store=%s", model, model.size, self.where)
+            self._drop_tag(model, "gc")
             done.models.append(model)
         deletable, done.leased = self._still_unused(plan.blobs, since=plan.started)
         done.leased.update(plan.leased)

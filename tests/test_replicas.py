@@ -311,3 +311,35 @@ def test_serve_on_a_missing_bucket_says_so_in_one_line(bucket_url: str, tmp_path
                      f"{os.environ['AWS_ENDPOINT_URL']}: create it (aws s3 mb s3://no-such-bucket-here) or name an "
                      "existing one in the store location"], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_tag_removed_from_the_bucket_leaves_every_replica_and_stays_gone(
+        registry: FakeRegistry, replica: Replica, bucket_url: str, tmp_path: Path) -> None:
+    """`rm --store` while one replica runs and another is down: the running one drops its copy within
+    seconds, and the one that comes back neither uploads its copy again nor keeps it."""
+    blob = write_blob(registry.directory, 2 * MB, seed=79)
+    registry.add_model("library/doomed", "1", [blob])
+    a, b = replica("a"), replica("b")
+    for mirror in (a, b):
+        assert httpx.get(f"{mirror.url}/v2/library/doomed/manifests/1").status_code == 200
+        assert httpx.get(f"{mirror.url}/v2/library/doomed/blobs/{blob.digest}", timeout=60).status_code == 200
+    deadline = time.monotonic() + 30
+    while not _uploaded(bucket_url, blob) or not any(k.startswith("manifests/") for k in bucket_objects(bucket_url)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    b.stop(signal.SIGTERM)
+
+    done = subprocess.run([sys.executable, "-m", "mirror", "rm", "doomed:1", "--store", bucket_url, "--s3-path-style",
+                           "--cache-dir", str(tmp_path / "admin"), "--upstream", registry.url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    b = replica("b")  # back, with the tag still in its cache
+    for label, mirror in (("a", a), ("b", b)):
+        tags = tmp_path / label / "cache" / "manifests"
+        deadline = time.monotonic() + 20  # the replica's next heartbeats
+        while list(tags.rglob("1")):
+            assert time.monotonic() < deadline, mirror.log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert "bucket removed tags=" in mirror.log.read_text()
+        assert not (tmp_path / label / "cache" / "blobs" / blob.digest.replace(":", "-")).exists()
+    assert not [k for k in bucket_objects(bucket_url) if k.startswith(("manifests/", "blobs/"))]
