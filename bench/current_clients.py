@@ -24,23 +24,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
 from tests.clients.gguf import GgufClient, GgufOptions
 from tests.clients.tensor import TensorClient, TensorOptions
 from tests.clients.wire import PullResult
 from tests.fakes import FakeCDN, FakeRegistry, MirrorProcess, ServerThread, wait_for_text, write_blob
 
-from .peers import Nginx, ensure_tools
+from .peers import Nginx, ensure_tools, served_bytes
 
 MB = 1_000_000
 REGISTRY = "registry.ollama.ai"
-
-
-def _served(base: str, verify: ssl.SSLContext | bool = True) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=30).text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("ollama_mirror_served_bytes_total"))
 
 
 class Run:
@@ -119,14 +111,14 @@ def main() -> None:
             mirrors.append(named)
             local = f"http://localhost:{named.url.rsplit(':', 1)[1]}"
             for mode in ("named cold", "named warm"):
-                run.measure(path, mode, local, lambda: _served(named.url), work / "n", direct)
+                run.measure(path, mode, local, lambda: served_bytes(named.url), work / "n", direct)
             dns = MirrorProcess(work / f"dns-{path}" / "cache", run.registry.url, "dns",
                                 "--registry", f"{REGISTRY}={run.registry.url}", "--tls-listen", "127.0.0.1:0")
             mirrors.append(dns)
             port = int(re.findall(r"tls ready url=\S+:(\d+)", wait_for_text(dns.log, r"tls ready url="))[-1])
             context = ssl.create_default_context(cafile=str(work / f"dns-{path}" / "cache" / ".mirror" / "ca" / "ca.pem"))
             for mode in ("dns cold", "dns warm"):  # warm: what TLS alone costs the (Python) client
-                run.measure(path, mode, f"https://{REGISTRY}:{port}", lambda: _served(dns.url), work / "s",
+                run.measure(path, mode, f"https://{REGISTRY}:{port}", lambda: served_bytes(dns.url), work / "s",
                             direct, hosts={REGISTRY: "127.0.0.1"}, ssl_context=context)
     finally:
         for mirror in mirrors:

@@ -9,15 +9,36 @@ All are Debian packages; ``ensure_tools`` installs the missing ones.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 TOOLS = {"nginx": "nginx-light", "aria2c": "aria2", "curl": "curl", "wrk": "wrk",
          "docker-registry": "docker-registry"}
+
+
+@contextlib.contextmanager
+def work_dir(prefix: str) -> Iterator[Path]:
+    """A scratch folder that nginx's workers may read (they run as another user when started as
+    root), removed afterwards unless BENCH_KEEP is set."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    work.chmod(0o755)
+    try:
+        yield work
+    finally:
+        if os.environ.get("BENCH_KEEP") is None:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
 
 
 def ensure_tools() -> None:
@@ -49,6 +70,16 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
+@dataclass(frozen=True)
+class Sent:
+    """One response in nginx's access log: bytes sent (with headers), body bytes, the range asked."""
+
+    sent: int
+    body: int
+    start: int
+    stop: int | None  # None: to the end
+
+
 class Nginx:
     """Two servers: ``plain_url`` unthrottled, ``cdn_url`` limited per connection."""
 
@@ -67,7 +98,7 @@ error_log {self.dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   {temp}
-  log_format bench '$request_uri $status $bytes_sent';
+  log_format bench '$bytes_sent $body_bytes_sent $http_range $request_uri';
   access_log {self.access_log} bench;
   sendfile on;
   tcp_nopush on;
@@ -98,13 +129,19 @@ http {{
 
     def bytes_sent(self, fragment: str) -> int:
         """Bytes nginx sent for requests whose URI contains ``fragment`` (from its access log)."""
-        total = 0
+        return sum(r.sent for r in self.requests(fragment))
+
+    def requests(self, fragment: str) -> list[Sent]:
+        """What nginx sent for each finished request whose URI contains ``fragment``, in order."""
+        found = []
         if self.access_log.exists():
             for line in self.access_log.read_text().splitlines():
-                uri, _, sent = line.rsplit(" ", 2)
+                sent, body, asked, uri = line.split(" ", 3)
                 if fragment in uri:
-                    total += int(sent)
-        return total
+                    first, _, last = asked.removeprefix("bytes=").partition("-")
+                    found.append(Sent(int(sent), int(body), int(first) if first.isdigit() else 0,
+                                      int(last) + 1 if last.isdigit() else None))
+        return found
 
     def stop(self) -> None:
         self.process.terminate()
@@ -147,6 +184,30 @@ def curl(url: str, *args: str, timeout: float = 600) -> dict[str, float]:
                          text=True, timeout=timeout, check=True).stdout.split()
     return {"status": float(out[0]), "bytes": float(out[1]), "ttfb": float(out[2]), "total": float(out[3]),
             "speed": float(out[4])}
+
+
+def curl_ranges(url: str, size: int, parts: int) -> float:
+    """``parts`` concurrent curl Range requests covering the blob; aggregate MB/s."""
+    step = -(-size // parts)
+    began = time.monotonic()
+    procs = [subprocess.Popen(["curl", "-s", "-f", "-o", "/dev/null", "-r", f"{a}-{min(a + step, size) - 1}", url])
+             for a in range(0, size, step)]
+    codes = [p.wait(600) for p in procs]
+    assert codes == [0] * len(procs), codes
+    return size / (time.monotonic() - began) / 1e6
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time the process used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def served_bytes(base: str) -> float:
+    """The mirror's ``ollama_mirror_served_bytes_total`` (all sources), from its /metrics."""
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("ollama_mirror_served_bytes_total"))
 
 
 def aria2c(url: str, dest: Path, timeout: float = 600, connections: int = 8) -> float:

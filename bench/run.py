@@ -18,7 +18,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,17 @@ import uvloop
 from mirror.upstream import BlobLocation, Upstream
 from tests.fakes import FakeCDN, FakeRegistry, MirrorProcess, ServerThread, write_blob
 
-from .peers import DockerRegistry, Nginx, aria2c, curl, ensure_tools, wrk
+from .peers import (
+    DockerRegistry,
+    Nginx,
+    aria2c,
+    cpu_seconds,
+    curl,
+    curl_ranges,
+    ensure_tools,
+    work_dir,
+    wrk,
+)
 
 MB = 1_000_000
 
@@ -119,8 +128,8 @@ class Bench:
         self.record("1_warm_one_stream_mirror", self.repeat(lambda: curl(blob_url)["speed"] / MB), "MB/s")
         self.record("1_warm_one_stream_nginx", self.repeat(lambda: curl(nginx_url)["speed"] / MB), "MB/s")
         size = self.p.warm_size
-        self.record("2_warm_16_ranges_mirror", self.repeat(lambda: _ranges(blob_url, size, 16)), "MB/s")
-        self.record("2_warm_16_ranges_nginx", self.repeat(lambda: _ranges(nginx_url, size, 16)), "MB/s")
+        self.record("2_warm_16_ranges_mirror", self.repeat(lambda: curl_ranges(blob_url, size, 16)), "MB/s")
+        self.record("2_warm_16_ranges_nginx", self.repeat(lambda: curl_ranges(nginx_url, size, 16)), "MB/s")
         self.manifests(mirror, name, "mirror")
         self.retire(mirror)
         variant = self.mirror(kind=_HeadNotHeld)  # what the held head buys, measured beside it
@@ -205,7 +214,7 @@ class Bench:
                 mirror = self.mirror(upstream=self._plain_registry())
                 try:
                     url = f"{mirror.url}/v2/{name}/blobs/{digest}"
-                    _ranges(url, size, 16)
+                    curl_ranges(url, size, 16)
                     return _peak_rss(mirror.process.pid) / MB
                 finally:
                     self.retire(mirror)
@@ -230,12 +239,12 @@ class Bench:
             try:
                 first, *cold = self._cold_tags(name)
                 httpx.get(f"{mirror.url}/v2/{first}", timeout=30).raise_for_status()  # its upstream connection made
-                cpu_before = _cpu_seconds(mirror.process.pid)
+                cpu_before = cpu_seconds(mirror.process.pid)
                 with ThreadPoolExecutor(1) as pool:
                     fill = pool.submit(curl, f"{mirror.url}/v2/{name}/blobs/{digest}")
                     latencies.extend(_cold_manifests_while(fill, mirror.url, cold))
                     result = fill.result()
-                cores.append((_cpu_seconds(mirror.process.pid) - cpu_before) / result["total"])
+                cores.append((cpu_seconds(mirror.process.pid) - cpu_before) / result["total"])
                 return size / result["total"] / MB
             finally:
                 self.retire(mirror)
@@ -314,17 +323,6 @@ def _p99(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-def _ranges(url: str, size: int, parts: int) -> float:
-    """``parts`` concurrent curl Range requests covering the blob; aggregate MB/s."""
-    step = -(-size // parts)
-    began = time.monotonic()
-    procs = [subprocess.Popen(["curl", "-s", "-f", "-o", "/dev/null", "-r", f"{a}-{min(a + step, size) - 1}", url])
-             for a in range(0, size, step)]
-    codes = [p.wait(600) for p in procs]
-    assert codes == [0] * len(procs), codes
-    return size / (time.monotonic() - began) / MB
-
-
 def _upstream_alone(url: str, size: int, connections: int = 8) -> float:
     """Seconds for the mirror's upstream client (httpx as the mirror sets it up, on uvloop) to
     fetch ``url`` in 16 MiB ranges over ``connections`` streams, dropping the bytes."""
@@ -367,12 +365,6 @@ def _dd(path: Path, size: int, settle: float) -> float:
     elapsed = time.monotonic() - began
     path.unlink()
     return elapsed
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User and system time the process used so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss(pid: int) -> int:
@@ -426,20 +418,17 @@ def main() -> None:
     args = parser.parse_args()
     ensure_tools()
     profile = QUICK if args.quick else FULL
-    work = Path(tempfile.mkdtemp(prefix="ollama-mirror-bench-"))
-    work.chmod(0o755)  # nginx workers run as another user when started as root
-    bench = Bench(work, profile)
-    try:
-        for scenario in (bench.warm_serving, bench.cold_fill, bench.coalescing, bench.memory,
-                         bench.upstream_speed, bench.docker_registry):
-            if args.only and scenario.__name__ not in args.only:
-                continue
-            print(f"running {scenario.__name__} ...", flush=True)
-            scenario()
-    finally:
-        bench.close()
-        if os.environ.get("BENCH_KEEP") is None:
-            shutil.rmtree(work, ignore_errors=True)
+    with work_dir("ollama-mirror-bench-") as work:
+        bench = Bench(work, profile)
+        try:
+            for scenario in (bench.warm_serving, bench.cold_fill, bench.coalescing, bench.memory,
+                             bench.upstream_speed, bench.docker_registry):
+                if args.only and scenario.__name__ not in args.only:
+                    continue
+                print(f"running {scenario.__name__} ...", flush=True)
+                scenario()
+        finally:
+            bench.close()
     report = {"profile": "quick" if args.quick else "full", "results": bench.results,
               "targets": summarize(bench.results) if not args.only else {}}
     Path(args.out).write_text(json.dumps(report, indent=2))
