@@ -156,9 +156,11 @@ class AccessLog:
                 sent["status"] = message["status"]
             elif message["type"] == "http.response.body":
                 sent["bytes"] += len(message.get("body", b""))
-            await send(message)
-            if message["type"] == zerocopy.EXTENSION:
-                sent["bytes"] += message["sent"]  # what reached the socket, not what was asked
+            try:
+                await send(message)
+            finally:  # also when a hang-up cancelled the send: what reached the socket by then
+                if message["type"] == zerocopy.EXTENSION:
+                    sent["bytes"] += message.get("sent", 0)  # what reached the socket, not what was asked
 
         try:
             await self.app(scope, receive, counting_send)

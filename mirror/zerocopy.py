@@ -20,7 +20,9 @@ instead of two, about 8% more manifest requests per second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import Message, Send
@@ -29,6 +31,7 @@ from .fds import SharedFd, in_thread
 
 EXTENSION = "http.response.zerocopysend"  # the ASGI zero-copy extension's message and scope key
 DRAIN_POLL = 0.002  # seconds between checks that the transport sent what it had queued
+COUNT_WAIT = 1.0  # seconds a cancelled send waits for its sendfile call to return, to count its bytes
 SMALL = 64 << 10  # bytes of body up to which the head waits for it
 
 
@@ -115,7 +118,7 @@ async def _sendfile(cycle: Any, send: Send, message: Message) -> None:
         _client_left(cycle)
         return
     if count:
-        sent = message["sent"] = await _send_all(cycle, message["file"].fileno(), message.get("offset") or 0, count)
+        sent = await _send_all(cycle, message["file"].fileno(), message.get("offset") or 0, count, message)
         if sent < count:
             _client_left(cycle)
             return
@@ -138,14 +141,16 @@ async def _drained(cycle: Any) -> bool:
     return not cycle.disconnected and not cycle.transport.is_closing()
 
 
-async def _send_all(cycle: Any, file_fd: int, offset: int, count: int) -> int:
+async def _send_all(cycle: Any, file_fd: int, offset: int, count: int, message: Message) -> int:
     """sendfile from a worker thread, on duplicates of the socket's and the file's descriptors.
 
     The duplicates are ours: the transport may close the socket and the app its file at any
     moment (a client hanging up cancels us), and a job a thread has taken cannot be stopped, so
     each number stays open until the last system call on it has returned (``fds``). The event
     loop's watchers belong to the transport; ours wait on the duplicate. Returns the bytes sent;
-    fewer than ``count`` only when the client went away."""
+    fewer than ``count`` only when the client went away. ``message["sent"]`` grows as they go, and
+    counts the last call's bytes even when the client's hang-up cancelled us while it ran (a client
+    that leaves right after the last byte got the whole response, and is counted so)."""
     loop = asyncio.get_running_loop()
     out = SharedFd.dup(cycle.transport.get_extra_info("socket").fileno())
     try:
@@ -159,7 +164,8 @@ async def _send_all(cycle: Any, file_fd: int, offset: int, count: int) -> int:
             at, left = offset + sent, count - sent
             try:
                 # In a worker thread: the kernel's copy then runs beside the event loop, not on it.
-                n = await in_thread(lambda sock, src: os.sendfile(sock, src, at, left), out, source)
+                n = await _counted(in_thread(lambda sock, src: os.sendfile(sock, src, at, left), out, source),
+                                   message)
             except BlockingIOError:
                 await _writable(loop, out.fileno())
                 continue
@@ -172,6 +178,20 @@ async def _send_all(cycle: Any, file_fd: int, offset: int, count: int) -> int:
         out.close()
         source.close()
     return sent
+
+
+async def _counted(call: Awaitable[int], message: Message) -> int:
+    """``call``'s bytes, added to ``message["sent"]``; when we are cancelled meanwhile, they are
+    still added once the thread returns (a non-blocking sendfile returns at once)."""
+    job = asyncio.ensure_future(call)
+    try:
+        n = await asyncio.shield(job)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            message["sent"] += await asyncio.wait_for(job, COUNT_WAIT)
+        raise
+    message["sent"] += n
+    return n
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:

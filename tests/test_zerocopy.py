@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
+import subprocess
 import time
 
 import httpx
@@ -115,3 +117,26 @@ def _served_bytes(mirror: ServerThread) -> float:
     text = httpx.get(f"{mirror.url()}/metrics").text
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith("ollama_mirror_served_bytes_total"))
+
+
+def test_served_bytes_count_every_range_a_client_read_whole(mirror: ServerThread, big: Blob) -> None:
+    """curl hangs up the moment its last byte arrives; the hang-up once cancelled the send still
+    waiting on its sendfile call, and a whole range was counted as 0 bytes served."""
+    url = f"{mirror.url()}/v2/library/big/blobs/{big.digest}"
+    assert httpx.get(url, timeout=60).status_code == 200  # warm
+    parts = 16
+    step = -(-big.size // parts)
+    for _ in range(6):
+        before = _served(mirror)
+        procs = [subprocess.Popen(["curl", "-s", "-o", "/dev/null", "-r", f"{a}-{min(a + step, big.size) - 1}", url])
+                 for a in range(0, big.size, step)]
+        assert [p.wait(60) for p in procs] == [0] * parts
+        deadline = time.monotonic() + 5  # the access log counts a response when it ends
+        while _served(mirror) - before < big.size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _served(mirror) - before == big.size
+
+
+def _served(mirror: ServerThread) -> float:
+    text = httpx.get(f"{mirror.url()}/metrics").text
+    return sum(float(v) for v in re.findall(r"^ollama_mirror_served_bytes_total\{[^}]*\} (\S+)$", text, re.M))
