@@ -95,8 +95,7 @@ class Adaptive:
         if count >= self.cap:
             self.settled = True
             return False
-        self.target = min(count * 2, self.cap)
-        self.settled = self.target == self.cap  # nothing left to try
+        self.target = min(count * 2, self.cap)  # the cap is measured too: kept only if it pays as any step must
         return True
 
     def throttled(self) -> bool:

@@ -25,7 +25,7 @@ def test_a_count_that_keeps_paying_doubles_up_to_the_cap() -> None:
         counts.append(count)
         for _ in range(SAMPLES):
             adaptive.measured(count, count * 25e6)  # each connection capped at 25 MB/s
-    assert counts == [START, 2 * START] and adaptive.target == PER_FILL_CAP  # the cap: nothing to try
+    assert counts == [START, 2 * START, PER_FILL_CAP] and adaptive.target == PER_FILL_CAP  # the cap is measured too
 
 
 def test_a_shared_pipe_settles_on_the_fewest_connections_that_fill_it() -> None:
@@ -69,7 +69,8 @@ def test_budget_shares_the_total_between_fills() -> None:
 
 
 def _settled(caplog: pytest.LogCaptureFixture) -> int:
-    lines = [r.getMessage() for r in caplog.records if "fill settled" in r.getMessage()]
+    """The connections the fill ran at its end (settled, or still trying the next count)."""
+    lines = [r.getMessage() for r in caplog.records if "fill done" in r.getMessage()]
     assert len(lines) == 1, lines
     return int(re.search(r"connections=(\d+)", lines[0])[1])  # type: ignore[index]
 
