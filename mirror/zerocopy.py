@@ -110,6 +110,8 @@ async def _sendfile(cycle: Any, send: Send, message: Message) -> None:
     only when the client left, and then the response is over (uvicorn's later sends do nothing)."""
     count, more_body = message["count"], message.get("more_body", False)
     message["sent"] = 0
+    if cycle.disconnected:  # gone before the head went out (a held head): nothing to send, nothing wrong
+        return
     if not cycle.response_started or cycle.response_complete or cycle.chunked_encoding:
         raise RuntimeError(f"{EXTENSION} needs a started response with a Content-Length")
     if count > cycle.expected_content_length:

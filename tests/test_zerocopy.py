@@ -13,7 +13,7 @@ import pytest
 
 from mirror import blobs
 
-from .fakes import Blob, FakeRegistry, ServerThread, write_blob
+from .fakes import Blob, FakeRegistry, Fault, ServerThread, write_blob
 
 MB = 1_000_000
 
@@ -140,3 +140,17 @@ def test_served_bytes_count_every_range_a_client_read_whole(mirror: ServerThread
 def _served(mirror: ServerThread) -> float:
     text = httpx.get(f"{mirror.url()}/metrics").text
     return sum(float(v) for v in re.findall(r"^ollama_mirror_served_bytes_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def test_a_client_gone_before_its_first_byte_is_no_error(mirror: ServerThread, registry: FakeRegistry, big: Blob,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The head waits for the first byte of a cold blob; a client that leaves meanwhile was answered
+    with a RuntimeError and a traceback in the log ("needs a started response") once the bytes came."""
+    registry.cdn.faults.append(Fault("stall", after=0, seconds=2.0, times=64))
+    with socket.create_connection(("127.0.0.1", mirror.port)) as sock:
+        sock.sendall(f"GET /v2/library/big/blobs/{big.digest} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-99\r\n\r\n".encode())
+        time.sleep(0.5)
+    time.sleep(3.0)  # the first bytes land, and the held head would go out now
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    r = httpx.get(f"{mirror.url()}/v2/library/big/blobs/{big.digest}", headers={"Range": "bytes=0-99"}, timeout=60)
+    assert r.status_code == 206 and r.content == big.path.read_bytes()[:100]
