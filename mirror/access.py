@@ -116,8 +116,9 @@ class AccessControl:
         if not (self._tokens or self._keys):
             return
         scheme, _, credentials = _header(scope, b"authorization").partition(" ")
-        if (scheme.lower() == "bearer" and (credentials in self._issued or self._static_ok(credentials)
-                                            or _peer_ok(scope, credentials))
+        if scheme.lower() == "bearer" and _peer_ok(scope, credentials):
+            return  # another replica: it may read the registry protocol, and nothing else (not manage)
+        if (scheme.lower() == "bearer" and (credentials in self._issued or self._static_ok(credentials))
                 or scheme.lower() == "basic" and self._static_ok(_basic_password(credentials))):
             state = scope.setdefault("state", {})
             state["authenticated"] = True  # the management API lets such a request change the cache
@@ -260,7 +261,10 @@ def _basic_password(credentials: str) -> str:
 
 
 def _peer_ok(scope: Scope, credentials: str) -> bool:
-    """Another replica on the same bucket, streaming a blob this one fills (``replicas.py``)."""
+    """Another replica on the same bucket, streaming a blob this one fills (``replicas.py``): the
+    token lets it read blobs and manifests (GET, HEAD under /v2/), never manage the cache."""
+    if scope.get("method") not in ("GET", "HEAD") or not scope["path"].startswith("/v2/"):
+        return False
     mirror = getattr(getattr(scope.get("app"), "state", None), "mirror", None)
     replicas = mirror.engine.replicas if mirror is not None else None
     return replicas is not None and replicas.is_peer(credentials)

@@ -264,10 +264,11 @@ def client_config(path_style: bool) -> Config:
         s3={"addressing_style": "path" if path_style else "auto"},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        retries={"max_attempts": 3, "mode": "standard"},
+        retries={"max_attempts": 2, "mode": "standard"},
         max_pool_connections=32,
-        connect_timeout=5,  # botocore's 60 s would hold a fill's choice of source for minutes on a dead store
-        read_timeout=30,
+        # botocore's 60 s, three times, held a cold manifest 2 minutes on a store that stopped answering
+        connect_timeout=3,
+        read_timeout=8,
     )
 
 

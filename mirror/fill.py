@@ -18,9 +18,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from enum import Enum, auto
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .chunks import SPLIT_MIN, ChunkMap
 from .concurrency import START, ConnectionBudget
@@ -256,13 +256,19 @@ class Fill:
             self.source = source.describe()
             replicas.filling[self.digest] = self.source
             try:
-                async with replicas.holding(source.lease):
-                    await self._download(source.upstream, replicas.peer_settings(source, self._settings))
-                    if source.kind == "upstream":
+                async with replicas.holding(source.lease) as lost:
+                    settings = replicas.peer_settings(source, self._settings)
+                    if not await _unless(self._download(source.upstream, settings), lost):
+                        continue  # another replica holds the lease now: follow it, keeping every byte here
+                    if source.kind == "upstream" and await replicas.blob_in_bucket(self.digest) != self.size:
                         await in_thread(lambda fd: replicas.upload(self.digest, fd, self.size), self._staging())
+                if source.kind == "peer":
+                    replicas.adopt(self.digest, self.size, self._store)  # should the peer die before its upload
                 return
             except Exception as exc:  # noqa: BLE001 - sorted below: only a lost bucket or peer is retried here
                 error = _unwrapped(exc)
+                if isinstance(error, DigestMismatch | UpstreamInvalid):
+                    replicas.distrust(source, error)
                 if source.kind == "peer" and isinstance(error, UpstreamRefused) and error.status in (401, 403):
                     log.warning("fill peer refused digest=%s peer=%s reason=%s; filling from upstream instead (do "
                                 "the replicas share one bucket, and is each in the others' --allow-clients?)",
@@ -352,7 +358,8 @@ class Fill:
             self._store.discard_staging(self.digest)
             self._meta.forget_fill(self.digest)
             self._meta.forget_blob_size(self.digest)
-            log.warning("fill discard digest=%s size=%d reason=%s", self.digest.short, self.size, error)
+            log.warning("fill discard digest=%s size=%d source=%s reason=%s", self.digest.short, self.size,
+                        self.source, error)
         else:
             self.save_progress()
             log.warning(
@@ -449,6 +456,8 @@ class FillEngine:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.replicas is not None:
+            await self.replicas.cancel_background()
         for upstream in [*self._upstreams, *(self.replicas.sources() if self.replicas else [])]:
             await upstream.aclose()
 
@@ -458,6 +467,23 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
         await asyncio.wait_for(event.wait(), timeout)
     except TimeoutError:
         pass
+
+
+async def _unless(work: Coroutine[Any, Any, None], lost: asyncio.Event) -> bool:
+    """Run ``work``; True when it finished, False when ``lost`` was set first (``work`` is cancelled)."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # its error, if any
+    return True
 
 
 def _unwrapped(exc: BaseException) -> BaseException:

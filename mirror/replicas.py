@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import os
@@ -57,6 +58,10 @@ PRESIGN_SECONDS = 900  # a presigned URL outlives any part of a pull; a new one 
 HEARTBEAT_EVERY = 5.0
 PEER_HEADER = "Ollama-Mirror-Replica"  # on requests from one replica to another: never sent on to a peer
 PEER_RETRIES = 2  # a peer that fails this often is asked no more until its lease is checked again
+PEER_STALL = 5.0  # seconds without a byte from a peer before its range is retried (a hung replica)
+DISTRUST_SECONDS = 600.0  # a peer that sent wrong bytes is not asked again for this long
+ADOPT_EVERY = 5.0  # seconds between looks at whether a blob a peer filled reached the bucket
+ADOPT_FOR = 3600.0  # ... for at most this long
 IN_BUCKET_SECONDS = 60.0  # how long "the bucket has this blob" is believed (rm and gc remove blobs)
 
 
@@ -105,6 +110,8 @@ class Replicas:
         self._bucket_source = BucketSource(self.bucket, settings)
         self._peers: dict[str, Upstream] = {}
         self._in_bucket: TTLCache[Digest, int] = TTLCache(maxsize=65536, ttl=IN_BUCKET_SECONDS)
+        self._bad_peers: TTLCache[str, bool] = TTLCache(maxsize=256, ttl=DISTRUST_SECONDS)
+        self._background: set[asyncio.Task[None]] = set()  # uploads of blobs a dead peer never uploaded
         self.filling: dict[Digest, str] = {}  # blobs this replica fills, and from where (for the heartbeat)
         self.seen: list[Replica] = []  # every replica's last heartbeat, as of this one's last
         self.peer_token = ""  # set by ``start``: lets one replica through another's access control
@@ -115,6 +122,11 @@ class Replicas:
         It is in the bucket because whoever may read the bucket may read every model anyway."""
         self.bucket.check()
         self.leases.check()
+        twin = next((r for r in self.roster.all() if r.id == self.id and not r.gone and r.url != self.url), None)
+        if twin is not None:
+            raise StoreUnavailable(
+                f"replica id {self.id!r} is in use by a running replica at {twin.url} (its heartbeat is "
+                f"{time.time() - twin.last_seen:.0f} s old): give each replica its own --replica-id")
         key = self.bucket.keys.peer_token
         token = self.bucket.read_object(key)
         if token is None:
@@ -154,9 +166,9 @@ class Replicas:
             elif held.owner == self.id:  # this replica's lease from before a restart: wait for it to run out
                 await asyncio.sleep(min(max(held.expires - time.time(), 0.1), 1.0))
                 continue
-            elif from_peer:
-                log.info("fill from upstream digest=%s reason=asked by a peer while %s holds the lease",
-                         digest.short, held.owner)
+            elif from_peer or held.url.rstrip("/") in self._bad_peers:
+                log.info("fill from upstream digest=%s reason=%s holds the lease, and %s", digest.short, held.owner,
+                         "its bytes were wrong lately" if not from_peer else "a peer asked (never back to one)")
                 return Source("upstream", upstream)
             else:
                 return Source("peer", self._peer(held.url), peer=held.owner)
@@ -165,14 +177,23 @@ class Replicas:
             await asyncio.sleep(0.2)  # another replica took it between our look and our try: look again
 
     def peer_settings(self, source: Source, settings: Settings) -> Settings:
-        """A peer that fails is given up on quickly: its lease decides what happens next."""
-        return replace(settings, max_retries=PEER_RETRIES) if source.kind != "upstream" else settings
+        """A peer that fails or hangs is given up on quickly: its lease decides what happens next."""
+        if source.kind == "upstream":
+            return settings
+        return replace(settings, max_retries=PEER_RETRIES, stall_timeout=min(settings.stall_timeout, PEER_STALL))
+
+    def distrust(self, source: Source, error: Exception) -> None:
+        """A peer whose bytes were wrong: fills go upstream rather than to it, for a while."""
+        if source.kind == "peer":
+            self._bad_peers[source.upstream.base_url] = True
+            log.warning("peer distrusted peer=%s url=%s reason=%s; fills go upstream instead for %.0f s",
+                        source.peer, source.upstream.base_url, error, DISTRUST_SECONDS)
 
     def _peer(self, url: str) -> Upstream:
         peer = self._peers.get(url)
         if peer is None:
             peer = self._peers[url] = Upstream(
-                url, connect_timeout=min(self.settings.connect_timeout, 3.0), stall_timeout=self.settings.stall_timeout,
+                url, connect_timeout=min(self.settings.connect_timeout, 3.0), stall_timeout=PEER_STALL,
                 max_connections=self.settings.upstream_connections, headers={PEER_HEADER: self.id},
                 token=self.peer_token, health=Health(url, url, kind="replica"))
         return peer
@@ -184,21 +205,24 @@ class Replicas:
     # -- the lease, while filling from upstream -------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def holding(self, lease: Lease | None) -> AsyncIterator[None]:
-        """Renew ``lease`` until the block ends, then let it go (another replica may fill at once)."""
+    async def holding(self, lease: Lease | None) -> AsyncIterator[asyncio.Event]:
+        """Renew ``lease`` until the block ends, then let it go (another replica may fill at once).
+        The event is set if the lease is lost meanwhile (this replica hung, or the store did, past its
+        expiry, and another replica took it over): then stop fetching from upstream."""
+        lost = asyncio.Event()
         if lease is None:
-            yield
+            yield lost
             return
-        renewer = asyncio.get_running_loop().create_task(self._renew(lease))
+        renewer = asyncio.get_running_loop().create_task(self._renew(lease, lost))
         try:
-            yield
+            yield lost
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
             await asyncio.shield(asyncio.to_thread(self._release, lease))
 
-    async def _renew(self, lease: Lease) -> None:
+    async def _renew(self, lease: Lease, lost: asyncio.Event) -> None:
         while True:
             await asyncio.sleep(RENEW_EVERY)
             try:
@@ -207,8 +231,10 @@ class Replicas:
                 log.warning("lease renew failed digest=%s reason=%s", lease.digest, exc)
                 continue
             if renewed is None:
-                log.warning("lease lost digest=%s reason=another replica took it over; both fill it now",
-                            lease.digest)
+                log.warning("lease lost digest=%s reason=it ran out before this replica could renew it (a "
+                            "pause of this process or of the store); fetching no more from upstream, choosing "
+                            "again", lease.digest.short)
+                lost.set()
                 return
             lease = renewed
 
@@ -236,6 +262,46 @@ class Replicas:
             if size is not None:
                 self._in_bucket[digest] = size
         return size
+
+    def adopt(self, digest: Digest, size: int, store: BlobStore) -> None:
+        """After a fill from a peer: should that peer die before its upload, upload this replica's
+        verified copy instead (under a lease of its own), so nobody fetches it from upstream again."""
+        task = asyncio.get_running_loop().create_task(self._adopt(digest, size, store))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _adopt(self, digest: Digest, size: int, store: BlobStore) -> None:
+        deadline = time.monotonic() + ADOPT_FOR
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            await asyncio.sleep(ADOPT_EVERY)
+            try:
+                if await self.blob_in_bucket(digest, fresh=True) == size:
+                    return
+                held = await asyncio.to_thread(self.leases.read, digest)
+                if held is not None and not held.expired:
+                    continue  # its filler lives (and uploads), or someone adopts it already
+                lease = await asyncio.to_thread(
+                    self.leases.acquire if held is None else functools.partial(self.leases.take_over, held),
+                    digest, self.id, self.url, LEASE_TTL)
+            except StoreUnavailable:
+                continue
+            if lease is None:
+                continue
+            log.info("bucket adopt digest=%s reason=its filler %s did not upload it; uploading this replica's copy",
+                     digest.short, held.owner if held else "-")
+            async with self.holding(lease):
+                fd = await asyncio.to_thread(store.open_blob, digest)
+                if fd is not None:
+                    try:
+                        await asyncio.to_thread(self.upload, digest, fd, size)
+                    finally:
+                        os.close(fd)
+            return
+
+    async def cancel_background(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     def upload(self, digest: Digest, fd: int, size: int) -> None:
         """Put a blob this replica verified into the bucket (blocking). A failure is logged, not

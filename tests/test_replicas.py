@@ -343,3 +343,56 @@ def test_a_tag_removed_from_the_bucket_leaves_every_replica_and_stays_gone(
         assert "bucket removed tags=" in mirror.log.read_text()
         assert not (tmp_path / label / "cache" / "blobs" / blob.digest.replace(":", "-")).exists()
     assert not [k for k in bucket_objects(bucket_url) if k.startswith(("manifests/", "blobs/"))]
+
+
+def test_a_hung_filler_is_taken_over_and_stops_fetching_when_it_wakes(
+        registry: FakeRegistry, replica: Replica, bucket_url: str) -> None:
+    """SIGSTOP, not SIGKILL: the filler's connections stay open and say nothing. Its peers give up on
+    it within seconds, and once awake it finds its lease gone and fetches no more from upstream."""
+    blob = write_blob(registry.directory, 48 * MB, seed=80)
+    registry.add_model("library/hung", "1", [blob])
+    registry.cdn.rate = 1 * MB
+    a = replica("a")
+    with httpx.stream("GET", f"{a.url}/v2/library/hung/blobs/{blob.digest}") as r:  # a takes the lease
+        assert r.status_code == 200
+    b = replica("b")
+    results: list[bytes] = []
+    errors: list[BaseException] = []
+    client = threading.Thread(target=_get_all, args=(f"{b.url}/v2/library/hung/blobs/{blob.digest}", results, errors))
+    client.start()
+    deadline = time.monotonic() + 60
+    while registry.cdn.bytes_by_digest.get(blob.digest, 0) < blob.size // 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    a.process.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        deadline = stopped_at + 45
+        while not re.search(r"fill take-over digest=\S+ from=a", b.log.read_text()):
+            assert time.monotonic() < deadline, b.log.read_text()[-3000:]
+            time.sleep(0.2)
+        took_over = time.monotonic() - stopped_at
+    finally:
+        a.process.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while "lease lost" not in a.log.read_text():
+        assert time.monotonic() < deadline, a.log.read_text()[-3000:]
+        time.sleep(0.2)
+    registry.cdn.rate = None
+    client.join(120)
+    assert not errors, errors
+    assert _digest_of(results[0]) == blob.digest
+    assert took_over < 30, took_over
+    assert re.search(r"fill start .*source=peer b", a.log.read_text()), a.log.read_text()[-3000:]  # follows b now
+    assert registry.cdn.bytes_by_digest[blob.digest] <= 1.5 * blob.size
+
+
+def test_a_second_replica_under_a_running_ones_id_is_refused(replica: Replica, registry: FakeRegistry,
+                                                              bucket_url: str, tmp_path: Path) -> None:
+    a = replica("a")
+    done = subprocess.run([sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{_free_port()}",
+                           "--cache-dir", str(tmp_path / "twin"), "--upstream", registry.url, "--store", bucket_url,
+                           "--s3-path-style", "--replica-id", "a"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert re.search(rf"replica id 'a' is in use by a running replica at {re.escape(a.url)} \(its heartbeat is "
+                     r"\d+ s old\): give each replica its own --replica-id", done.stderr), done.stderr
