@@ -6,6 +6,7 @@ Under the prefix the bucket is laid out as an Ollama models directory, so an adm
     s3://<bucket>/<prefix>
       blobs/sha256-<hex>                             verified blobs only (uploaded after the sha256 check)
       manifests/<host>/<namespace>/<model>/<tag>     raw manifest bytes, as upstream sent them
+      manifests-by-digest/sha256-<hex>               the same bytes by their digest (clients ask any replica)
       leases/sha256-<hex>                            fill lease, JSON: the one replica fetching it upstream
       leases/sha256-<hex>.takeover                   held for a moment by the replica taking over an expired lease
       leases/gc                                      held by the one ``ollama-mirror gc`` at work on the bucket
@@ -150,6 +151,9 @@ class BucketKeys:
 
     def removal(self, host: str, name: Name, tag: str) -> str:
         return f"{self.removed}{_tag_path(host, name, tag)}"
+
+    def manifest_by_digest(self, digest: Digest) -> str:
+        return f"{self.prefix}manifests-by-digest/sha256-{digest.hex}"
 
     def lease(self, digest: Digest) -> str:
         return f"{self.leases}sha256-{digest.hex}"

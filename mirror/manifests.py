@@ -340,6 +340,8 @@ class ManifestService:
         manifest = self._by_digest.get(digest)
         if manifest is None:
             data = await asyncio.to_thread(self._store.read_manifest_by_digest, digest)
+            if data is None and self._replicas is not None:  # another replica's, behind the same name
+                data = await asyncio.to_thread(self._replicas.load_manifest_by_digest, digest)
             try:
                 parsed = Manifest.parse(data) if data is not None else None
             except ManifestInvalid:

@@ -8,6 +8,8 @@ part can ever mean anything to the filesystem but itself.
 
 from __future__ import annotations
 
+import hashlib
+
 import ipaddress
 import json
 import re
@@ -45,6 +47,11 @@ class Digest:
         if algo != "sha256" or not _HEX64.fullmatch(hex_):
             raise DigestInvalid(f"invalid digest {text[:100]!r}: expected sha256:<64 hex digits>")
         return cls(hex_)
+
+    @classmethod
+    def of(cls, data: bytes) -> Digest:
+        """The sha256 of ``data``."""
+        return cls(hashlib.sha256(data).hexdigest())
 
     @classmethod
     def is_digest(cls, text: str) -> bool:

@@ -363,11 +363,22 @@ class Replicas:
     # -- tags, and who is here -------------------------------------------------------------------
 
     def save_manifest(self, host: str, name: Name, tag: str, data: bytes) -> None:
-        """Blocking: the tag for the other replicas (a failure only costs them an upstream request)."""
+        """Blocking: the tag for the other replicas (a failure only costs them an upstream request),
+        and the manifest by its digest, which clients behind a load balancer ask any replica for."""
         try:
+            self.bucket.write_object(self.bucket.keys.manifest_by_digest(Digest.of(data)), data)
             self.bucket.put_manifest(host, name, tag, data)
         except Exception as exc:  # noqa: BLE001
             log.warning("bucket manifest not saved name=%s tag=%s reason=%s", name, tag, exc)
+
+    def load_manifest_by_digest(self, digest: Digest) -> bytes | None:
+        """Blocking: a manifest another replica saved, if its bytes are what ``digest`` names."""
+        try:
+            data = self.bucket.read_object(self.bucket.keys.manifest_by_digest(digest))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("bucket manifest not read digest=%s reason=%s", digest.short, exc)
+            return None
+        return data if data is not None and Digest.of(data) == digest else None
 
     def load_manifest(self, host: str, name: Name, tag: str) -> bytes | None:
         """Blocking: the tag as another replica saved it, or None (also when the bucket is unreachable)."""

@@ -396,3 +396,19 @@ def test_a_second_replica_under_a_running_ones_id_is_refused(replica: Replica, r
     assert done.returncode == 1
     assert re.search(rf"replica id 'a' is in use by a running replica at {re.escape(a.url)} \(its heartbeat is "
                      r"\d+ s old\): give each replica its own --replica-id", done.stderr), done.stderr
+
+
+def test_a_manifest_by_digest_is_answered_by_every_replica(registry: FakeRegistry, replica: Replica) -> None:
+    """Behind a load balancer, a registry client resolves the tag on one replica and fetches the
+    manifest by digest from another."""
+    blob = write_blob(registry.directory, 1 * MB, seed=81)
+    manifest = registry.add_model("library/bydigest", "1", [blob])
+    a, b = replica("a"), replica("b")
+    assert httpx.get(f"{a.url}/v2/library/bydigest/manifests/1").content == manifest
+    digest = _digest_of(manifest)
+    deadline = time.monotonic() + 10  # written to the bucket in the background
+    while (r := httpx.get(f"{b.url}/v2/library/bydigest/manifests/{digest}")).status_code != 200:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert r.content == manifest
+    assert registry.count("GET", "/manifests/") == 1
