@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import logging
 import os
@@ -280,9 +279,10 @@ class Replicas:
                 held = await asyncio.to_thread(self.leases.read, digest)
                 if held is not None and not held.expired:
                     continue  # its filler lives (and uploads), or someone adopts it already
-                lease = await asyncio.to_thread(
-                    self.leases.acquire if held is None else functools.partial(self.leases.take_over, held),
-                    digest, self.id, self.url, LEASE_TTL)
+                if held is None:
+                    lease = await asyncio.to_thread(self.leases.acquire, digest, self.id, self.url, LEASE_TTL)
+                else:
+                    lease = await asyncio.to_thread(self.leases.take_over, held, self.id, self.url, LEASE_TTL)
             except StoreUnavailable:
                 continue
             if lease is None:

@@ -4,6 +4,7 @@ them, a dead filler taken over, warm pulls with upstream gone, and warm bytes fr
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .fakes import Blob, FakeRegistry, MirrorProcess, assert_store_verified, write_blob
+from .fakes import Blob, FakeRegistry, MirrorProcess, ServerThread, assert_store_verified, write_blob
 from .s3 import bucket_blob, bucket_objects, s3_client
 
 MB = 1_000_000
@@ -412,3 +413,82 @@ def test_a_manifest_by_digest_is_answered_by_every_replica(registry: FakeRegistr
         time.sleep(0.2)
     assert r.content == manifest
     assert registry.count("GET", "/manifests/") == 1
+
+
+def test_a_blob_whose_filler_died_before_its_upload_is_uploaded_by_a_follower(
+        registry: FakeRegistry, replica: Replica, bucket_url: str) -> None:
+    blob = write_blob(registry.directory, 160 * MB, seed=82)
+    registry.add_model("library/orphan", "1", [blob])
+    registry.cdn.rate = 8 * MB
+    a = replica("a")
+    with httpx.stream("GET", f"{a.url}/v2/library/orphan/blobs/{blob.digest}") as r:  # a takes the lease
+        assert r.status_code == 200
+    b = replica("b")
+    results: list[bytes] = []
+    errors: list[BaseException] = []
+    client = threading.Thread(target=_get_all, args=(f"{b.url}/v2/library/orphan/blobs/{blob.digest}", results, errors))
+    client.start()  # b follows a
+    deadline = time.monotonic() + 120
+    while "fill done" not in a.log.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    a.stop(signal.SIGKILL)  # mid-upload: about a second of it at RGW's speed here
+    client.join(120)
+    assert not errors, errors
+    assert _digest_of(results[0]) == blob.digest
+    deadline = time.monotonic() + 45  # a's lease runs out, then b's next look
+    while not _uploaded(bucket_url, blob):
+        assert time.monotonic() < deadline, b.log.read_text()[-3000:]
+        time.sleep(0.5)
+    assert _digest_of(bucket_blob(bucket_url, blob.digest)) == blob.digest
+    assert "bucket adopt" in b.log.read_text() or "store put" in a.log.read_text()  # a may have made it
+    assert registry.cdn.bytes_by_digest[blob.digest] <= 1.05 * blob.size
+
+
+class _LyingPeer:
+    """A "replica" that answers every blob request with the right length of the wrong bytes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        if scope["type"] == "lifespan":
+            for reply in ("lifespan.startup.complete", "lifespan.shutdown.complete"):
+                await receive()  # type: ignore[operator]
+                await send({"type": reply})  # type: ignore[operator]
+            return
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        start, stop = 0, self.size
+        if "range" in headers:
+            a, _, b = headers["range"].removeprefix("bytes=").partition("-")
+            start, stop = int(a), min(int(b) + 1 if b else self.size, self.size)
+        head = [(b"content-length", str(stop - start).encode())]
+        if "range" in headers:
+            head.append((b"content-range", f"bytes {start}-{stop - 1}/{self.size}".encode()))
+        await send({"type": "http.response.start", "status": 206 if "range" in headers else 200,  # type: ignore[operator]
+                    "headers": head})
+        await send({"type": "http.response.body", "body": b"\0" * (stop - start)})  # type: ignore[operator]
+
+
+def test_a_peer_whose_bytes_are_wrong_is_left_for_upstream(registry: FakeRegistry, replica: Replica,
+                                                           bucket_url: str) -> None:
+    blob = write_blob(registry.directory, 2 * MB, seed=83)
+    registry.add_model("library/lied", "1", [blob])
+    liar = ServerThread(_LyingPeer(blob.size)).start()
+    try:
+        bucket, _, prefix = bucket_url.removeprefix("s3://").partition("/")
+        lease = {"owner": "liar", "url": liar.url(), "expires": time.time() + 300, "ttl": 10, "token": "x"}
+        s3_client().put_object(Bucket=bucket, Key=f"{prefix}/leases/{blob.digest.replace(':', '-')}",
+                               Body=json.dumps(lease).encode())
+        b = replica("b")
+        url = f"{b.url}/v2/library/lied/blobs/{blob.digest}"
+        try:  # the liar's bytes fail the hash: an error, or a body cut short, never a clean wrong body
+            first = httpx.get(url, timeout=60)
+            assert first.status_code != 200, "wrong bytes served as a complete blob"
+        except httpx.HTTPError:
+            pass
+        second = httpx.get(url, timeout=60)  # from upstream now
+        assert second.status_code == 200 and second.content == blob.path.read_bytes()
+        assert "peer distrusted peer=liar" in b.log.read_text()
+    finally:
+        liar.stop()
