@@ -97,7 +97,10 @@ async def blob(request: Request) -> Response | BlobResponse:
     redirect = await _to_bucket(request, digest)
     if redirect is not None:
         return redirect
-    body = await service.open(name, digest, PEER_HEADER in request.headers)  # a cold blob's fill starts here
+    from_peer = PEER_HEADER in request.headers
+    body = await service.open(name, digest, from_peer)  # a cold blob's fill starts here
+    if from_peer:
+        body.source = "peer"  # another replica's fill: not a client served (metrics count those)
     if _tensor_resolve(request):
         body.close()
         request.state.cache = body.source
