@@ -492,3 +492,58 @@ def test_a_peer_whose_bytes_are_wrong_is_left_for_upstream(registry: FakeRegistr
         assert "peer distrusted peer=liar" in b.log.read_text()
     finally:
         liar.stop()
+
+
+def _pull_in_thread(client, name: str, out: list) -> threading.Thread:  # type: ignore[no-untyped-def,type-arg]
+    thread = threading.Thread(target=lambda: out.append(client.pull(name)))
+    thread.start()
+    return thread
+
+
+@pytest.mark.real_client
+def test_real_clients_pull_one_cold_model_through_two_replicas_and_upstream_sends_it_once(
+        registry: FakeRegistry, replica: Replica, ollama) -> None:  # type: ignore[no-untyped-def]
+    layer = write_blob(registry.directory, 120 * MB, seed=84)
+    registry.add_model("library/both", "1", [layer])
+    registry.cdn.rate = 10 * MB  # per connection: the pulls overlap the fill
+    a, b = replica("a"), replica("b")
+    clients = [ollama("one"), ollama("two")]
+    results: list = []  # type: ignore[type-arg]
+    threads = [_pull_in_thread(c, f"127.0.0.1:{m.url.rpartition(':')[2]}/library/both:1", results)
+               for c, m in zip(clients, (a, b))]
+    for t in threads:
+        t.join(300)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-1000:] for r in results]
+    for c in clients:
+        assert _digest_of((c.models / "blobs" / layer.digest.replace(":", "-")).read_bytes()) == layer.digest
+    assert registry.cdn.bytes_by_digest[layer.digest] <= 1.05 * layer.size
+
+
+@pytest.mark.real_client
+def test_real_client_pull_survives_its_replicas_filler_killed(
+        registry: FakeRegistry, replica: Replica, bucket_url: str, ollama) -> None:  # type: ignore[no-untyped-def]
+    layer = write_blob(registry.directory, 120 * MB, seed=85)
+    registry.add_model("library/survive", "1", [layer])
+    registry.cdn.rate = 2 * MB
+    a = replica("a")
+    with httpx.stream("GET", f"{a.url}/v2/library/survive/blobs/{layer.digest}") as r:  # a fills it
+        assert r.status_code == 200
+    b = replica("b")
+    client, results = ollama("client"), []  # type: ignore[var-annotated]
+    thread = _pull_in_thread(client, f"127.0.0.1:{b.url.rpartition(':')[2]}/library/survive:1", results)
+    deadline = time.monotonic() + 60
+    while registry.cdn.bytes_by_digest.get(layer.digest, 0) < layer.size // 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    a.stop(signal.SIGKILL)
+    registry.cdn.rate = None
+    thread.join(300)
+    assert results and results[0].returncode == 0, results[0].stderr[-2000:] if results else "no result"
+    assert _digest_of((client.models / "blobs" / layer.digest.replace(":", "-")).read_bytes()) == layer.digest
+    assert registry.cdn.bytes_by_digest[layer.digest] <= 1.5 * layer.size
+    assert re.search(r"fill take-over digest=\S+ from=a", b.log.read_text()), b.log.read_text()[-3000:]
+    deadline = time.monotonic() + 30
+    while not _uploaded(bucket_url, layer):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert _digest_of(bucket_blob(bucket_url, layer.digest)) == layer.digest  # nothing unverified under its key
