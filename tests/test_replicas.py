@@ -524,7 +524,7 @@ def test_real_client_pull_survives_its_replicas_filler_killed(
         registry: FakeRegistry, replica: Replica, bucket_url: str, ollama) -> None:  # type: ignore[no-untyped-def]
     layer = write_blob(registry.directory, 120 * MB, seed=85)
     registry.add_model("library/survive", "1", [layer])
-    registry.cdn.rate = 2 * MB
+    registry.cdn.rate = 1 * MB  # per connection: seconds pass before a third of it came, while b follows a
     a = replica("a")
     with httpx.stream("GET", f"{a.url}/v2/library/survive/blobs/{layer.digest}") as r:  # a fills it
         assert r.status_code == 200
