@@ -102,6 +102,21 @@ def test_ten_clients_over_two_replicas_cost_upstream_one_blob(
     assert re.search(r"fill start .*source=peer [ab]", logs), logs[-3000:]
 
 
+def _b_follows_a(replica: Replica, path: str) -> tuple[MirrorProcess, MirrorProcess, threading.Thread, list[bytes],
+                                                        list[BaseException]]:
+    """Replica a starts filling ``path`` (and holds its lease); a client of replica b asks for it,
+    so b streams it from a. The client's thread, and where its bytes or error go."""
+    a = replica("a")
+    with httpx.stream("GET", f"{a.url}{path}") as r:
+        assert r.status_code == 200
+    b = replica("b")
+    results: list[bytes] = []
+    errors: list[BaseException] = []
+    client = threading.Thread(target=_get_all, args=(f"{b.url}{path}", results, errors))
+    client.start()
+    return a, b, client, results, errors
+
+
 def _uploaded(url: str, blob: Blob) -> bool:
     objects = bucket_objects(url)
     return f"blobs/{blob.digest.replace(':', '-')}" in objects and not any(k.startswith("leases/") for k in objects)
@@ -112,14 +127,7 @@ def test_a_killed_filler_is_taken_over_and_nothing_unverified_reaches_the_bucket
     blob = write_blob(registry.directory, 48 * MB, seed=72)
     registry.add_model("library/kill", "1", [blob])
     registry.cdn.rate = 1 * MB  # per connection: about 6 s on 8 connections
-    a = replica("a")
-    with httpx.stream("GET", f"{a.url}/v2/library/kill/blobs/{blob.digest}") as r:  # a takes the lease
-        assert r.status_code == 200
-    b = replica("b")
-    results: list[bytes] = []
-    errors: list[BaseException] = []
-    client = threading.Thread(target=_get_all, args=(f"{b.url}/v2/library/kill/blobs/{blob.digest}", results, errors))
-    client.start()  # b follows a
+    a, b, client, results, errors = _b_follows_a(replica, f"/v2/library/kill/blobs/{blob.digest}")
     deadline = time.monotonic() + 60
     while registry.cdn.bytes_by_digest.get(blob.digest, 0) < blob.size // 3:
         assert time.monotonic() < deadline
@@ -353,14 +361,7 @@ def test_a_hung_filler_is_taken_over_and_stops_fetching_when_it_wakes(
     blob = write_blob(registry.directory, 48 * MB, seed=80)
     registry.add_model("library/hung", "1", [blob])
     registry.cdn.rate = 1 * MB
-    a = replica("a")
-    with httpx.stream("GET", f"{a.url}/v2/library/hung/blobs/{blob.digest}") as r:  # a takes the lease
-        assert r.status_code == 200
-    b = replica("b")
-    results: list[bytes] = []
-    errors: list[BaseException] = []
-    client = threading.Thread(target=_get_all, args=(f"{b.url}/v2/library/hung/blobs/{blob.digest}", results, errors))
-    client.start()
+    a, b, client, results, errors = _b_follows_a(replica, f"/v2/library/hung/blobs/{blob.digest}")
     deadline = time.monotonic() + 60
     while registry.cdn.bytes_by_digest.get(blob.digest, 0) < blob.size // 4:
         assert time.monotonic() < deadline
@@ -420,14 +421,7 @@ def test_a_blob_whose_filler_died_before_its_upload_is_uploaded_by_a_follower(
     blob = write_blob(registry.directory, 160 * MB, seed=82)
     registry.add_model("library/orphan", "1", [blob])
     registry.cdn.rate = 8 * MB
-    a = replica("a")
-    with httpx.stream("GET", f"{a.url}/v2/library/orphan/blobs/{blob.digest}") as r:  # a takes the lease
-        assert r.status_code == 200
-    b = replica("b")
-    results: list[bytes] = []
-    errors: list[BaseException] = []
-    client = threading.Thread(target=_get_all, args=(f"{b.url}/v2/library/orphan/blobs/{blob.digest}", results, errors))
-    client.start()  # b follows a
+    a, b, client, results, errors = _b_follows_a(replica, f"/v2/library/orphan/blobs/{blob.digest}")
     deadline = time.monotonic() + 120
     while "fill done" not in a.log.read_text():
         assert time.monotonic() < deadline
