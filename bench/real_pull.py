@@ -71,6 +71,7 @@ def _disk_written() -> int:
 
 def _pull_and_disk(server: OllamaServer, name: str, results: dict[str, object], key: str) -> None:
     """Time the pull, and the disk writes it caused (counted until the kernel wrote back what was dirty)."""
+    os.sync()  # what was written before (the blob nginx serves, say) is not this pull's
     before = _disk_written()
     results[f"{key}_s"] = _timed_pull(server, name)
     os.sync()
