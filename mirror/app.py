@@ -23,19 +23,19 @@ from .access import AccessControl, ManagePolicy, load_keys
 from .blobs import BlobService
 from .config import DEFAULT_UPSTREAM, Settings
 from .errors import MirrorError, NameInvalid
-from .health import Health, upstream_cause
 from .eviction import Evictor
 from .fill import FillEngine
+from .health import Health, upstream_cause
 from .layout import Layout, cache_problem, registry_host
-from .models import DEFAULT_REGISTRY, CachedModel
-from .names import Digest, is_registry_host
 from .logs import AccessLog
 from .manifests import ManifestService
 from .metadata import Metadata
-from .pulls import PullService
-from .responses import error_response, is_ollama, registry_error
 from .metrics import Metrics
+from .models import DEFAULT_REGISTRY, CachedModel
+from .names import Digest, is_registry_host
+from .pulls import PullService
 from .replicas import Replicas
+from .responses import error_response, is_ollama, registry_error
 from .routes import REGISTRY_HEADER, fallback
 from .routes import routes as registry_routes
 from .store import BlobStore, Removed

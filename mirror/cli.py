@@ -44,7 +44,7 @@ from .errors import MirrorError
 from .layout import Layout, cache_problem
 from .metadata import Metadata
 from .models import CachedModel
-from .names import ModelRef, typed_name
+from .names import ModelRef, tag_key, typed_name
 from .progress import Progress, human
 from .server import ListenError, build_server
 from .store import BlobStore
@@ -503,7 +503,7 @@ def cmd_export(settings: Settings, args: argparse.Namespace, cache: Cache) -> No
 
 
 def _fetch_shared(settings: Settings, args: argparse.Namespace, cache: Cache) -> list[CachedModel]:
-    from .shared_admin import SharedModel, tag_key
+    from .shared_admin import SharedModel
 
     admin = _shared(settings, "export")
     inventory = admin.inventory()

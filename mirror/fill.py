@@ -25,8 +25,16 @@ from typing import TYPE_CHECKING, Any
 from .chunks import SPLIT_MIN, ChunkMap
 from .concurrency import START, ConnectionBudget
 from .config import Settings
-from .errors import (BlobUnknown, DigestMismatch, FillFailed, MirrorError, UpstreamError, UpstreamInvalid,
-                     UpstreamRefused, UpstreamUrlExpired)
+from .errors import (
+    BlobUnknown,
+    DigestMismatch,
+    FillFailed,
+    MirrorError,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamRefused,
+    UpstreamUrlExpired,
+)
 from .fds import SharedFd, in_thread
 from .fill_loop import FillLoop
 from .metadata import Metadata

@@ -8,7 +8,6 @@ tag skipped in a listing).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 
@@ -60,7 +59,7 @@ class Manifest:
         media_type = doc.get("mediaType")
         return cls(
             data,
-            Digest(hashlib.sha256(data).hexdigest()),
+            Digest.of(data),
             media_type if media_type in MANIFEST_TYPES else MANIFEST_V2,
             _layer(doc.get("config"), "config"),
             tuple(_layer(item, "layer") for item in layers),

@@ -9,7 +9,6 @@ part can ever mean anything to the filesystem but itself.
 from __future__ import annotations
 
 import hashlib
-
 import ipaddress
 import json
 import re
@@ -64,6 +63,14 @@ class Digest:
     def short(self) -> str:
         """12 hex digits: enough to tell blobs apart in a log line."""
         return f"sha256:{self.hex[:12]}"
+
+
+TagKey = tuple[str, str, str]  # (host, namespace/model, tag), lowercased as Ollama's manifest paths are
+
+
+def tag_key(host: str, name: Name, tag: str) -> TagKey:
+    """One tag however it is spelled: the local cache, the bucket and the CLI compare by this."""
+    return host.lower(), str(name).lower(), tag.lower()
 
 
 @dataclass(frozen=True, slots=True)

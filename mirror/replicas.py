@@ -25,8 +25,8 @@ import hmac
 import logging
 import os
 import secrets
-import threading
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -38,16 +38,16 @@ from . import __version__
 from .config import Settings
 from .errors import StoreUnavailable
 from .health import Health
-from .names import Digest, Name
+from .names import Digest, Name, tag_key
 from .upstream import BlobLocation, Upstream
 
 if TYPE_CHECKING:
     from .bucket import Bucket
-    from .leases import Lease
-    from .roster import Replica
-    from .models import CachedModel
-    from .store import BlobStore
     from .fill import Fill
+    from .leases import Lease
+    from .models import CachedModel
+    from .roster import Replica
+    from .store import BlobStore
 
 log = logging.getLogger("mirror.replicas")
 
@@ -96,7 +96,10 @@ class Replicas:
     """This replica's view of the shared bucket."""
 
     def __init__(self, settings: Settings, bucket: Bucket | None = None) -> None:
-        from .bucket import Bucket, BucketLocation  # boto3 is loaded only by mirrors that share a bucket
+        from .bucket import (  # boto3 is loaded only by mirrors that share a bucket
+            Bucket,
+            BucketLocation,
+        )
         from .leases import Leases
         from .roster import Roster
 
@@ -337,13 +340,13 @@ class Replicas:
         except Exception as exc:  # noqa: BLE001
             log.warning("bucket sync skipped reason=%s", exc)
             return
-        gone = {_key_of(t) for t in removed}
-        kept = [m for m in list_models(store.layout) if _key(m.host, m.name, m.tag) not in gone]
+        gone = {tag_key(*t) for t in removed}
+        kept = [m for m in list_models(store.layout) if tag_key(m.host, m.name, m.tag) not in gone]
         local = stored_blobs(store.layout)
         wanted = {layer.digest for m in kept for layer in m.manifest.blobs}  # not an orphan, nor a removed tag's
         missing = {d: s.st_size for d, s in local.items() if d in wanted and in_bucket.get(d) != s.st_size}
-        shared = {_key_of(t) for t in tags}
-        models = [m for m in kept if _key(m.host, m.name, m.tag) not in shared]
+        shared = {tag_key(*t) for t in tags}
+        models = [m for m in kept if tag_key(m.host, m.name, m.tag) not in shared]
         if not missing and not models:
             return
         log.info("bucket sync blobs=%d bytes=%d tags=%d reason=in this replica's cache, not in the bucket",
@@ -417,10 +420,10 @@ class Replicas:
         """Blocking: the tags of this replica's cache that were removed from the bucket as they are here."""
         from .models import list_models
 
-        gone = {_key_of(t) for t in self.bucket.removed_tags()}
+        gone = {tag_key(*t) for t in self.bucket.removed_tags()}
         if not gone:
             return []
-        return [m for m in list_models(store.layout) if _key(m.host, m.name, m.tag) in gone
+        return [m for m in list_models(store.layout) if tag_key(m.host, m.name, m.tag) in gone
                 and self.bucket.removed_digest(m.host, m.name, m.tag) == m.digest]
 
     def _beat(self, me: Replica) -> list[Replica]:
@@ -434,15 +437,6 @@ class Replicas:
                 "replicas": [{"id": r.id, "url": r.url, "version": r.version, "started": r.started,
                               "last_seen": r.last_seen, "gone": r.gone, "fills": [str(d) for d in r.fills]}
                              for r in self.seen]}
-
-
-def _key(host: str, name: Name, tag: str) -> tuple[str, str, str]:
-    """A tag as the bucket's keys spell it: lowercased."""
-    return host.lower(), str(name).lower(), tag.lower()
-
-
-def _key_of(tag: tuple[str, Name, str]) -> tuple[str, str, str]:
-    return _key(*tag)
 
 
 def default_replica_id(listen: str) -> str:

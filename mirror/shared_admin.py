@@ -34,17 +34,10 @@ from .errors import StoreBusy
 from .leases import Lease, Leases
 from .manifest import Layer, Manifest, ManifestInvalid
 from .models import CachedModel
-from .names import Digest, ModelRef, Name
+from .names import Digest, ModelRef, Name, tag_key
 from .store import BlobStore, OnBytes, hash_stream
 
 log = logging.getLogger("mirror.shared")
-
-TagKey = tuple[str, str, str]  # (host, namespace/model, tag), lowercased as the bucket's keys are
-
-
-def tag_key(host: str, name: Name, tag: str) -> TagKey:
-    return host.lower(), str(name).lower(), tag.lower()
-
 
 @dataclass(frozen=True)
 class SharedModel(CachedModel):

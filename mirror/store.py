@@ -150,7 +150,7 @@ class BlobStore:
 
     def read_manifest_by_digest(self, digest: Digest) -> bytes | None:
         data = _read_or_none(self.layout.manifest_by_digest(digest))
-        return data if data is not None and hashlib.sha256(data).hexdigest() == digest.hex else None
+        return data if data is not None and Digest.of(data) == digest else None
 
     def write_manifest(self, name: Name, tag: str, data: bytes, digest: Digest, host: str | None = None) -> None:
         """Write the raw bytes under their digest and under the tag, each atomically, if not there yet;
