@@ -203,6 +203,55 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class CpuMeter:
+    """Where the machine's CPU time went between ``start`` and ``stop``: seconds per program
+    (processes grouped by name, threads included; a process that ended meanwhile is not
+    counted), the cores busy on average, and the share of time the CPUs sat idle. A pull that
+    left no idle time was waiting for the CPU, whatever else it waited for too."""
+
+    def __init__(self, labels: dict[int, str] | None = None) -> None:
+        self.labels = labels or {}  # pid -> the name to count it under (the mirror, among other pythons)
+
+    def start(self) -> None:
+        self._began, self._machine, self._procs = time.monotonic(), machine_ticks(), _process_ticks()
+
+    def stop(self) -> dict[str, object]:
+        wall = time.monotonic() - self._began
+        tick = os.sysconf("SC_CLK_TCK")
+        busy, idle = (b - a for a, b in zip(self._machine, machine_ticks()))
+        by_name: dict[str, float] = {}
+        for pid, (name, ticks) in _process_ticks().items():
+            name = self.labels.get(pid, name)
+            before = self._procs.get(pid)
+            spent = ticks - before[1] if before else ticks  # a kernel worker's name changes with its work
+            if spent:
+                by_name[name] = by_name.get(name, 0.0) + spent / tick
+        top = dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:6])
+        return {"cores_busy": round(busy / tick / wall, 2), "idle_share": round(idle / max(busy + idle, 1), 3),
+                "cpu_s": {name: round(s, 1) for name, s in top.items()}}
+
+
+def machine_ticks() -> tuple[int, int]:
+    """All CPUs' busy and idle ticks so far (/proc/stat; iowait counts as idle)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields[:8]) - idle, idle
+
+
+def _process_ticks() -> dict[int, tuple[str, int]]:
+    """Each process's name and user + system ticks so far."""
+    found: dict[int, tuple[str, int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # ended meanwhile
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        found[int(stat.parent.name)] = (name, int(fields[11]) + int(fields[12]))
+    return found
+
+
 def served_bytes(base: str) -> float:
     """The mirror's ``ollama_mirror_served_bytes_total`` (all sources), from its /metrics."""
     text = httpx.get(f"{base}/metrics", timeout=30).text

@@ -29,14 +29,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import httpx
 
 from tests import ollama_like
 from tests.fakes import FakeCDN, FakeRegistry, MirrorProcess, ServerThread, write_blob
 from tests.real_ollama import OllamaServer, find_venv
 
-from .peers import Nginx, ensure_tools
+from .peers import CpuMeter, Nginx, ensure_tools, machine_ticks, served_bytes
 
 
 def _timed_pull(server: OllamaServer, name: str) -> float:
@@ -69,17 +72,61 @@ def _disk_written() -> int:
     return total
 
 
-def _pull_and_disk(server: OllamaServer, name: str, results: dict[str, object], key: str) -> None:
-    """Time the pull, and the disk writes it caused (counted until the kernel wrote back what was dirty)."""
+def _pull_and_disk(server: OllamaServer, name: str, results: dict[str, object], key: str,
+                   labels: dict[int, str] | None = None) -> None:
+    """Time the pull, the disk writes it caused (counted until the kernel wrote back what was
+    dirty) and where the CPU time went meanwhile."""
     os.sync()  # what was written before (the blob nginx serves, say) is not this pull's
     before = _disk_written()
+    cpu = CpuMeter(labels)
+    cpu.start()
     results[f"{key}_s"] = _timed_pull(server, name)
+    results[f"{key}_cpu"] = cpu.stop()
     os.sync()
     results[f"{key}_disk_mb"] = round((_disk_written() - before) / 1e6)
 
 
-def _settled(log: Path) -> str:
-    found = re.findall(r"(?:fill settled|fill done).*?connections=(\d+)", log.read_text())
+class Timeline:
+    """The mirror's biggest fill every half second (/status.json, /metrics): MB/s landed and served
+    in each interval and the connections it ran, so a slow stretch of a cold pull shows where it lies."""
+
+    def __init__(self, base: str) -> None:
+        self._base, self._stop = base, threading.Event()
+        self.points: list[tuple[float, int, int, float, int]] = []  # seconds, done, connections, served, busy ticks
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        began = time.monotonic()
+        while not self._stop.wait(0.5):
+            try:
+                fills = httpx.get(f"{self._base}/status.json", timeout=5).json()["fills"]
+                served = served_bytes(self._base)
+            except (httpx.HTTPError, ValueError, KeyError):
+                continue
+            big = max(fills, key=lambda f: f["size"], default={"done": self.points[-1][1] if self.points else 0,
+                                                                "connections": 0})
+            self.points.append((time.monotonic() - began, big["done"], big["connections"], served,
+                                machine_ticks()[0]))
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join()
+        rows, last = [], (0.0, 0, 0, 0.0, self.points[0][4] if self.points else 0)
+        tick = os.sysconf("SC_CLK_TCK")
+        for point in self.points:
+            seconds = max(point[0] - last[0], 1e-3)
+            rows.append(f"{point[0]:5.1f}s filled {(point[1] - last[1]) / seconds / 1e6:4.0f} MB/s "
+                        f"({point[2]:2d} connections), served {(point[3] - last[3]) / seconds / 1e6:4.0f} MB/s, "
+                        f"{(point[4] - last[4]) / tick / seconds:.2f} cores busy")
+            last = point
+        return rows
+
+
+def _settled(log: Path, digest: str) -> str:
+    """The connection count the blob's fill settled on (or ended with, if it never settled)."""
+    short = re.escape(digest[:19])
+    found = re.findall(rf"(?:fill settled|fill done) digest={short}.*?connections=(\d+)", log.read_text())
     return found[0] if found else "?"
 
 
@@ -123,9 +170,14 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         name = f"{mirror.url.removeprefix('http://')}/library/bench:latest"
         before = nginx.bytes_sent(blob.digest)
         cold = OllamaServer(venv, work / "cold").start()
-        _pull_and_disk(cold, name, results, "cold_pull_via_mirror")
+        timeline = Timeline(mirror.url)
+        _pull_and_disk(cold, name, results, "cold_pull_via_mirror", {mirror.process.pid: "mirror"})
         results["cold_upstream_bytes_ratio"] = (nginx.bytes_sent(blob.digest) - before) / blob.size
-        results["mirror_connections"] = _settled(mirror.log)
+        results["mirror_connections"] = _settled(mirror.log, blob.digest)
+        results["cold_fill_timeline"] = timeline.stop()
+        results["mirror_fill_log"] = [
+            line[11:300] for line in mirror.log.read_text().splitlines()
+            if "mirror.fill" in line or "/blobs/" in line and "206" in line]
         cold.stop()
         shutil.rmtree(work / "cold", ignore_errors=True)
         registry_server.stop()

@@ -16,7 +16,8 @@ megabytes on a fast link). Choosing the next chunk (``claim``):
    a while; when that position lies well past the front of a chunk another
    connection is writing, the chunk is split there;
 2. demand: the chunk holding any blocked reader's position, if nobody writes it;
-3. read-ahead: the idle chunk after a reader's position;
+3. read-ahead: the first idle chunk after a reader's position, for the reader with the
+   least fetched ahead of it, so that readers of different parts progress alike;
 4. lowest: the first idle chunk. The connections work as a sliding window from the
    start, so the verified prefix, and every reader streaming from the start, grows
    at the speed of all connections together, and the hash is nearly done when the
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 SPLIT_MIN = 1 << 20  # never create a piece smaller than this by splitting
 STEAL_MIN = 8 << 20  # steal only halves this large: a steal cuts the victim's response short
+READ_AHEAD = 256 << 20  # how far past a reader read-ahead looks; beyond, the window from the start
 
 
 @dataclass(slots=True, eq=False)
@@ -179,13 +181,23 @@ class ChunkMap:
         return None
 
     def _read_ahead(self, reading: Iterable[int]) -> Chunk | None:
+        """The first idle chunk ahead of the reader with the least fetched or in flight before
+        it. Connections spread evenly over the readers: Ollama reads a blob as up to 16 parts at
+        once, and a reader served first-come (the first in the list taking every spare
+        connection) finished its part seconds before the last one did, which the pull waits for."""
+        best: tuple[int, Chunk] | None = None
         for position in reading:
             if not 0 <= position < self.size:
                 continue
-            nxt = self.next_after(self.chunk_at(position))
-            if nxt is not None and nxt.idle:
-                return nxt
-        return None
+            i = bisect.bisect_right(self._starts, position)  # the chunk after the reader's own
+            while i < len(self.chunks) and self.chunks[i].start - position < READ_AHEAD:
+                c = self.chunks[i]
+                if c.idle:
+                    if best is None or c.start - position < best[0]:
+                        best = (c.start - position, c)
+                    break
+                i += 1
+        return best[1] if best else None
 
     def _steal(self) -> Chunk | None:
         """Split the in-flight chunk with most bytes left; its back half is taken."""

@@ -128,7 +128,7 @@ def _fill(fill: Fill) -> dict[str, Any]:
     model = fill.name.model if fill.name.namespace == "library" else str(fill.name)  # a blob has no tag
     return {"digest": str(fill.digest), "model": model, "size": fill.size, "done": fill.done_bytes,
             "rate": fill.fetched / seconds, "clients": fill.waiting_clients, "state": fill.state.name.lower(),
-            "source": fill.source}
+            "source": fill.source, "connections": fill.connections}
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,20 @@ def test_chunks_demand_first_and_split_mid_chunk() -> None:
     assert m.chunk_at(wanted - 1).stop == wanted
 
 
+def test_chunks_read_ahead_goes_to_the_reader_with_least_ahead_of_it() -> None:
+    """Ollama reads a blob as parts at once: spare connections go to the part that is furthest
+    behind, whatever order its reader came in, so the parts finish together."""
+    m = ChunkMap.empty(256 << 20, 16 << 20)  # 16 chunks
+    first, second = 0, 128 << 20  # two readers, each reading its own chunk
+    for c in (m.chunk_at(first), m.chunk_at(second), m.chunks[1], m.chunks[2]):
+        c.owner = "busy"  # the first reader has two chunks in flight ahead of it, the second none
+    picks = [m.claim(f"w{i}", [], [], [first, second]).start for i in range(3)]
+    assert picks == [(128 + 16) << 20, (128 + 32) << 20, 48 << 20]  # level with the first, then alternating
+    m.chunks[3].owner = None
+    m.chunks[3].advance(16 << 20)  # done: it counts as ahead of the first reader as chunks in flight do
+    assert m.claim("w3", [], [], [first, second]).start == (128 + 48) << 20
+
+
 def test_chunks_available_follows_filled_bytes() -> None:
     m = ChunkMap.empty(10 << 20, 4 << 20)
     a, b = m.chunks[0], m.chunks[1]
