@@ -246,6 +246,13 @@ class ManifestService:
         self._saving.add(task)
         task.add_done_callback(self._saving.discard)
 
+    async def written(self) -> None:
+        """Wait for the manifest writes in flight: a pull that says "success" has its model on
+        disk, where ``/api/tags`` and every other process look (a write waiting for the
+        writeback of a busy disk took over a second)."""
+        if self._saving:
+            await asyncio.gather(*self._saving, return_exceptions=True)
+
     def _save(self, name: Name, tag: str, manifest: CachedManifest, answers: TagAnswers | None = None) -> None:
         try:
             # What was learned goes first: writing the tag moves the store's generation, and every

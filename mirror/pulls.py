@@ -38,6 +38,7 @@ class PullService:
         if not tensor:  # x/transfer hashes as it writes: no step of its own
             yield {"status": "verifying sha256 digest"}
         yield {"status": "writing manifest"}
+        await self._manifests.written()
         yield {"status": "success"}
 
     async def _progress(self, blobs: list[Layer], fills: dict[object, Fill | None]) -> AsyncIterator[dict[str, object]]:

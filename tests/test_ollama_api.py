@@ -66,6 +66,26 @@ def test_api_pull_without_stream_and_errors(mirror: ServerThread, model: tuple[b
     assert r.status_code == 400
 
 
+def test_api_pull_says_success_once_the_model_is_on_disk(mirror: ServerThread, model: tuple[bytes, Blob, list[Blob]],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest is written in the background (a client is served from memory meanwhile);
+    a pull's "success" waits for it: a busy disk once kept it from ``/api/tags`` for a second."""
+    from mirror.store import BlobStore
+
+    write = BlobStore.write_manifest
+
+    def slow_write(self: BlobStore, *args: object, **kwargs: object) -> None:
+        time.sleep(1.5)  # what fsync waits for behind gigabytes of writeback
+        write(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BlobStore, "write_manifest", slow_write)
+    r = httpx.post(f"{mirror.url()}/api/pull", json={"model": "tiny:1b", "stream": False}, timeout=60)
+    assert r.status_code == 200 and r.json() == {"status": "success"}
+    listed = httpx.get(f"{mirror.url()}/api/tags").json()["models"]
+    assert [m["name"].rsplit("/", 1)[-1] for m in listed] == ["tiny:1b"]
+    assert httpx.post(f"{mirror.url()}/api/show", json={"model": "tiny:1b"}).status_code == 200
+
+
 def test_api_tags_show_delete(mirror: ServerThread, registry: FakeRegistry,
                               model: tuple[bytes, Blob, list[Blob]], tmp_path: Path) -> None:
     manifest, weights, small = model
