@@ -52,7 +52,7 @@ class Download:
         self.fill, self.map, self.staging = fill, fill.map, fill.staging
         self._upstream, self._settings, self._budget = upstream, settings, budget
         self.adaptive = Adaptive(pinned=settings.connections or None, start=start_for(fill.size))
-        fill.connections = self.adaptive.target
+        fill.connections = self.connection_count()
         self._workers: set[int] = set()  # ids of the running workers; each holds one of the budget's connections
         self._warm: set[int] = set()  # workers whose streams have delivered bytes (past slow start)
         self._group: asyncio.TaskGroup | None = None
@@ -68,6 +68,10 @@ class Download:
         self._probed = asyncio.Event()
         here = asyncio.get_running_loop()
         fill.on_reader_blocked = lambda: here.call_soon_threadsafe(self._wake_workers)
+
+    def connection_count(self) -> int:
+        """The connections this fill runs at its target (a blob of fewer chunks runs fewer)."""
+        return min(self.adaptive.target, len(self.map.chunks))
 
     def workers_wanted(self) -> int:
         return max(min(self.adaptive.target, sum(not c.done for c in self.map.chunks)), 0)
@@ -121,7 +125,7 @@ class Download:
                 continue
             rate = (self.fill.fetched - landed) / (now - since)
             if self.adaptive.measured(count, rate):
-                self.fill.connections = self.adaptive.target
+                self.fill.connections = self.connection_count()
                 self._spawn_workers()
             if self.adaptive.settled:
                 log.info("fill settled digest=%s connections=%d mb_s=%.1f", self.fill.digest.short,
@@ -176,7 +180,7 @@ class Download:
         if not error.retryable:
             raise error
         if error.detail.get("status") in (429, 503) and self.adaptive.throttled():
-            self.fill.connections = self.adaptive.target
+            self.fill.connections = self.connection_count()
             log.warning("fill backoff digest=%s connections=%d reason=%s", self.fill.digest.short,
                         self.adaptive.target, error)
         if failures > self._settings.max_retries:
