@@ -3,9 +3,7 @@ of the total.
 
 A CDN that caps each connection (25 MB/s each, say) rewards more connections up to the link's
 speed; a single shared pipe does not, and there more connections only add overhead. So a fill
-starts with as many connections as the Ollama client itself would run on that blob (8 at least,
-16 at most: ``start_for``; fewer would make a first pull through the mirror slower than a direct
-one from its first second) and doubles them while the aggregate rate keeps rising (by a quarter at least), then
+starts with a few connections and doubles them while the aggregate rate keeps rising (by a quarter at least), then
 settles on the smallest count that reached the best rate. 429 or 503 halves it and stops the
 growth. ``--connections N`` pins the count instead.
 
@@ -19,18 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-START = 8  # connections a fill of a small blob opens first
-OLLAMA_PART = 100_000_000  # Ollama cuts a blob into parts of at least this size...
-OLLAMA_PARTS = 16  # ... and at most this many, all downloaded at once
+START = 8  # connections a fill opens first
 PER_FILL_CAP = 32  # the most one fill ever runs (Ollama itself runs 16 parts at once)
 GAIN = 0.25  # a doubling must raise the aggregate rate by this share to be kept (noise stays below it)
 WINDOW = 0.5  # seconds of one measurement, taken once every stream of the count has delivered
 SAMPLES = 2  # windows per connection count
-
-
-def start_for(size: int) -> int:
-    """The connections a fill of ``size`` bytes opens first: what a direct ``ollama pull`` runs."""
-    return max(START, min(OLLAMA_PARTS, -(-size // OLLAMA_PART)))
 
 
 class ConnectionBudget:
@@ -72,7 +63,6 @@ class Adaptive:
     """The connection count of one fill, stepped by the rate each count achieved."""
 
     pinned: int | None = None  # --connections: no adapting
-    start: int = START
     cap: int = PER_FILL_CAP
     target: int = 0
     settled: bool = False
@@ -83,7 +73,7 @@ class Adaptive:
         if self.pinned:
             self.target, self.settled = min(self.pinned, self.cap), True
         else:
-            self.target = min(self.start, self.cap)
+            self.target = min(START, self.cap)
 
     def measured(self, count: int, rate: float) -> bool:
         """The aggregate ``rate`` with ``count`` connections streaming for a whole window; True

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from .chunks import SPLIT_MIN, Chunk
-from .concurrency import WINDOW, Adaptive, ConnectionBudget, start_for
+from .concurrency import WINDOW, Adaptive, ConnectionBudget
 from .config import Settings
 from .errors import FillFailed, RangeIgnored, UpstreamError, UpstreamUnavailable, UpstreamUrlExpired
 from .fds import in_thread
@@ -51,7 +51,7 @@ class Download:
         assert fill.map is not None and fill.staging is not None
         self.fill, self.map, self.staging = fill, fill.map, fill.staging
         self._upstream, self._settings, self._budget = upstream, settings, budget
-        self.adaptive = Adaptive(pinned=settings.connections or None, start=start_for(fill.size))
+        self.adaptive = Adaptive(pinned=settings.connections or None)
         fill.connections = self.connection_count()
         self._workers: set[int] = set()  # ids of the running workers; each holds one of the budget's connections
         self._warm: set[int] = set()  # workers whose streams have delivered bytes (past slow start)
