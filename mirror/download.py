@@ -70,8 +70,9 @@ class Download:
         fill.on_reader_blocked = lambda: here.call_soon_threadsafe(self._wake_workers)
 
     def connection_count(self) -> int:
-        """The connections this fill runs at its target (a blob of fewer chunks runs fewer)."""
-        return min(self.adaptive.target, len(self.map.chunks))
+        """The connections this fill runs at its target: fewer for a blob of fewer chunks, or
+        when its share of ``--upstream-connections`` is smaller."""
+        return min(self.adaptive.target, len(self.map.chunks), self._budget.share())
 
     def workers_wanted(self) -> int:
         return max(min(self.adaptive.target, sum(not c.done for c in self.map.chunks)), 0)
