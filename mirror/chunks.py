@@ -169,16 +169,30 @@ class ChunkMap:
 
     def _for_demand(self, positions: Iterable[int], pre_empt: bool) -> Chunk | None:
         for position in positions:
-            if not 0 <= position < self.size:
-                continue
-            c = self.chunk_at(position)
-            if c.done or position < c.edge or not (pre_empt or c.idle):
-                continue
-            if position - c.edge >= SPLIT_MIN and c.stop - position >= SPLIT_MIN // 2:
-                return self.split(c, position)
-            if c.owner is None:
-                return c
+            found = self._demand_chunk(position, pre_empt)
+            if found is not None:
+                c, split = found
+                return self.split(c, position) if split else c
         return None
+
+    def can_cut_in(self, position: int) -> bool:
+        """Whether a connection freed for a reader blocked at ``position`` would fetch from there.
+        A connection that stops its request for nothing only pays the CDN for bytes again."""
+        return self._demand_chunk(position, pre_empt=True) is not None
+
+    def _demand_chunk(self, position: int, pre_empt: bool) -> tuple[Chunk, bool] | None:
+        """The chunk a reader at ``position`` waits for, and whether it is cut there first: when
+        the position lies well past the chunk's edge, and leaves a piece worth a request after
+        it. None when its bytes are there, or another connection has the chunk and cannot be
+        cut (not ``pre_empt``, or too close to the chunk's end)."""
+        if not 0 <= position < self.size:
+            return None
+        c = self.chunk_at(position)
+        if c.done or position < c.edge or not (pre_empt or c.idle):
+            return None
+        if position - c.edge >= SPLIT_MIN and c.stop - position >= SPLIT_MIN // 2:
+            return c, True
+        return (c, False) if c.owner is None else None
 
     def _read_ahead(self, reading: Iterable[int]) -> Chunk | None:
         """The first idle chunk ahead of the reader with the least fetched or in flight before

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .chunks import SPLIT_MIN, Chunk
+from .chunks import Chunk
 from .concurrency import WINDOW, Adaptive, ConnectionBudget
 from .config import Settings
 from .errors import FillFailed, RangeIgnored, UpstreamError, UpstreamUnavailable, UpstreamUrlExpired
@@ -262,17 +262,14 @@ class Download:
         self.fill.landed(n)
 
     def _should_yield(self) -> bool:
-        """A reader has waited too long for a chunk nobody is fetching, and no worker is free."""
+        """A reader has waited too long for bytes a freed connection would fetch, and no worker is free."""
         if self._idle_workers or self._one_stream:
             return False
         now = time.monotonic()
         for demand in list(self.fill.demands):
             if demand.waiting_since is None or now - demand.waiting_since < DEMAND_PATIENCE:
                 continue
-            if not 0 <= demand.position < self.fill.size:
-                continue
-            c = self.map.chunk_at(demand.position)
-            if c.owner is None and not c.done or demand.position - c.edge >= SPLIT_MIN:
+            if self.map.can_cut_in(demand.position):
                 return True
         return False
 

@@ -128,6 +128,17 @@ def test_chunks_read_ahead_goes_to_the_reader_with_least_ahead_of_it() -> None:
     assert m.claim("w3", [], [], [first, second]).start == (128 + 48) << 20
 
 
+def test_chunks_a_reader_can_cut_in_only_where_claim_would_cut() -> None:
+    m = ChunkMap.empty(32 << 20, 16 << 20)
+    m.chunks[0].owner = "busy"  # fetching from 0
+    assert m.can_cut_in(8 << 20)  # well past the edge, with a piece worth a request after it
+    assert not m.can_cut_in((16 << 20) - 1000)  # too close to the chunk's end: nothing to give it
+    assert m.can_cut_in(20 << 20)  # an idle chunk
+    m.chunks[0].advance(9 << 20)
+    assert not m.can_cut_in(8 << 20)  # its bytes are there
+    assert m.claim("w", [(16 << 20) - 1000], [], []).start == 16 << 20  # what claim does agrees
+
+
 def test_chunks_available_follows_filled_bytes() -> None:
     m = ChunkMap.empty(10 << 20, 4 << 20)
     a, b = m.chunks[0], m.chunks[1]
