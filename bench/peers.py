@@ -72,12 +72,14 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 @dataclass(frozen=True)
 class Sent:
-    """One response in nginx's access log: bytes sent (with headers), body bytes, the range asked."""
+    """One response in nginx's access log: bytes sent (with headers), body bytes, the range asked,
+    and the seconds it took."""
 
     sent: int
     body: int
     start: int
     stop: int | None  # None: to the end
+    seconds: float
 
 
 class Nginx:
@@ -98,7 +100,7 @@ error_log {self.dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   {temp}
-  log_format bench '$bytes_sent $body_bytes_sent $http_range $request_uri';
+  log_format bench '$bytes_sent $body_bytes_sent $http_range $request_time $request_uri';
   access_log {self.access_log} bench;
   sendfile on;
   tcp_nopush on;
@@ -136,11 +138,11 @@ http {{
         found = []
         if self.access_log.exists():
             for line in self.access_log.read_text().splitlines():
-                sent, body, asked, uri = line.split(" ", 3)
+                sent, body, asked, seconds, uri = line.split(" ", 4)
                 if fragment in uri:
                     first, _, last = asked.removeprefix("bytes=").partition("-")
                     found.append(Sent(int(sent), int(body), int(first) if first.isdigit() else 0,
-                                      int(last) + 1 if last.isdigit() else None))
+                                      int(last) + 1 if last.isdigit() else None, float(seconds)))
         return found
 
     def stop(self) -> None:

@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
         peer = OllamaServer(venv, work / "direct").start()
         _pull_and_disk(peer, f"{upstream.removeprefix('http://')}/library/bench:latest", results, "direct_pull")
+        results["direct_parts_s"] = sorted(round(r.seconds, 1) for r in nginx.requests(blob.digest))
         peer.stop()
         shutil.rmtree(work / "direct", ignore_errors=True)
 
@@ -175,6 +176,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         results["cold_upstream_bytes_ratio"] = (nginx.bytes_sent(blob.digest) - before) / blob.size
         results["mirror_connections"] = _settled(mirror.log, blob.digest)
         results["cold_fill_timeline"] = timeline.stop()
+        results["cold_parts_s"] = sorted(  # each part of Ollama's through the mirror, from its access log
+            round(int(ms) / 1000, 1) for ms in re.findall(rf"/blobs/{blob.digest} 20[06] bytes=\d+ ms=(\d+)",
+                                                            mirror.log.read_text()))
         results["mirror_fill_log"] = [
             line[11:300] for line in mirror.log.read_text().splitlines()
             if "mirror.fill" in line or "/blobs/" in line and "206" in line]
