@@ -201,8 +201,13 @@ def curl_ranges(url: str, size: int, parts: int) -> float:
 
 def cpu_seconds(pid: int) -> float:
     """User and system time the process used so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _ticks(Path(f"/proc/{pid}/stat").read_text()) / os.sysconf("SC_CLK_TCK")
+
+
+def _ticks(stat: str) -> int:
+    """User + system ticks, from the text of a /proc/<pid>/stat."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 class CpuMeter:
@@ -248,9 +253,7 @@ def _process_ticks() -> dict[int, tuple[str, int]]:
             text = stat.read_text()
         except OSError:
             continue  # ended meanwhile
-        name = text[text.index("(") + 1:text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        found[int(stat.parent.name)] = (name, int(fields[11]) + int(fields[12]))
+        found[int(stat.parent.name)] = (text[text.index("(") + 1:text.rindex(")")], _ticks(text))
     return found
 
 

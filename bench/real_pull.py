@@ -39,7 +39,7 @@ from tests import ollama_like
 from tests.fakes import FakeCDN, FakeRegistry, MirrorProcess, ServerThread, write_blob
 from tests.real_ollama import OllamaServer, find_venv
 
-from .peers import CpuMeter, Nginx, ensure_tools, machine_ticks, served_bytes
+from .peers import CpuMeter, Nginx, ensure_tools, machine_ticks
 
 
 def _timed_pull(server: OllamaServer, name: str) -> float:
@@ -87,12 +87,13 @@ def _pull_and_disk(server: OllamaServer, name: str, results: dict[str, object], 
 
 
 class Timeline:
-    """The mirror's biggest fill every half second (/status.json, /metrics): MB/s landed and served
-    in each interval and the connections it ran, so a slow stretch of a cold pull shows where it lies."""
+    """The mirror's biggest fill every half second (/status.json): MB/s landed in each interval,
+    the connections it ran and the machine's cores busy, so a slow stretch of a cold pull shows
+    where it lies and whether the CPU was full then."""
 
     def __init__(self, base: str) -> None:
         self._base, self._stop = base, threading.Event()
-        self.points: list[tuple[float, int, int, float, int]] = []  # seconds, done, connections, served, busy ticks
+        self.points: list[tuple[float, int, int, int]] = []  # seconds, bytes done, connections, busy ticks
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
@@ -101,24 +102,21 @@ class Timeline:
         while not self._stop.wait(0.5):
             try:
                 fills = httpx.get(f"{self._base}/status.json", timeout=5).json()["fills"]
-                served = served_bytes(self._base)
             except (httpx.HTTPError, ValueError, KeyError):
                 continue
-            big = max(fills, key=lambda f: f["size"], default={"done": self.points[-1][1] if self.points else 0,
-                                                                "connections": 0})
-            self.points.append((time.monotonic() - began, big["done"], big["connections"], served,
-                                machine_ticks()[0]))
+            done = self.points[-1][1] if self.points else 0  # once the fill ended: nothing more landed
+            big = max(fills, key=lambda f: f["size"], default={"done": done, "connections": 0})
+            self.points.append((time.monotonic() - began, big["done"], big["connections"], machine_ticks()[0]))
 
     def stop(self) -> list[str]:
         self._stop.set()
         self._thread.join()
-        rows, last = [], (0.0, 0, 0, 0.0, self.points[0][4] if self.points else 0)
+        rows, last = [], (0.0, 0, 0, self.points[0][3] if self.points else 0)
         tick = os.sysconf("SC_CLK_TCK")
         for point in self.points:
             seconds = max(point[0] - last[0], 1e-3)
             rows.append(f"{point[0]:5.1f}s filled {(point[1] - last[1]) / seconds / 1e6:4.0f} MB/s "
-                        f"({point[2]:2d} connections), served {(point[3] - last[3]) / seconds / 1e6:4.0f} MB/s, "
-                        f"{(point[4] - last[4]) / tick / seconds:.2f} cores busy")
+                        f"({point[2]:2d} connections), {(point[3] - last[3]) / tick / seconds:.2f} cores busy")
             last = point
         return rows
 
