@@ -22,6 +22,7 @@ PER_FILL_CAP = 32  # the most one fill ever runs (Ollama itself runs 16 parts at
 GAIN = 0.25  # a doubling must raise the aggregate rate by this share to be kept (noise stays below it)
 WINDOW = 0.5  # seconds of one measurement, taken once every stream of the count has delivered
 SAMPLES = 2  # windows per connection count
+THROTTLE_GAP = 1.0  # seconds: 429/503 answers closer together are one signal (requests sent at once)
 
 
 class ConnectionBudget:
@@ -68,6 +69,7 @@ class Adaptive:
     settled: bool = False
     rates: dict[int, float] = field(default_factory=dict)  # connection count -> aggregate bytes/s it reached
     _samples: dict[int, list[float]] = field(default_factory=dict)
+    _throttled_at: float | None = None
 
     def __post_init__(self) -> None:
         if self.pinned:
@@ -98,9 +100,14 @@ class Adaptive:
         self.target = min(count * 2, self.cap)  # the cap is measured too: kept only if it pays as any step must
         return True
 
-    def throttled(self) -> bool:
-        """Upstream said 429 or 503: half the connections (pinned or not: it asked us to slow
-        down), and no more growth. True if the target changed."""
+    def throttled(self, now: float) -> bool:
+        """Upstream said 429 or 503 at ``now`` (seconds): half the connections (pinned or not:
+        it asked us to slow down), and no more growth. Answers within ``THROTTLE_GAP`` of the
+        last halving count once: a burst of requests sent together and refused together (the
+        fill's first ones) would otherwise halve it once per request. True if the target changed."""
+        if self._throttled_at is not None and now - self._throttled_at < THROTTLE_GAP:
+            return False
+        self._throttled_at = now
         before = self.target
         self.target = max(1, self.target // 2)
         self.settled = True

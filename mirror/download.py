@@ -180,7 +180,7 @@ class Download:
         """Retry what may pass, from where it stopped; give up after ``max_retries`` without progress."""
         if not error.retryable:
             raise error
-        if error.detail.get("status") in (429, 503) and self.adaptive.throttled():
+        if error.detail.get("status") in (429, 503) and self.adaptive.throttled(time.monotonic()):
             self.fill.connections = self.connection_count()
             log.warning("fill backoff digest=%s connections=%d reason=%s", self.fill.digest.short,
                         self.adaptive.target, error)

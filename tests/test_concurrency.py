@@ -49,10 +49,19 @@ def test_a_partial_window_does_not_count_as_a_step() -> None:
 def test_throttling_halves_even_a_pinned_count_and_stops_growth() -> None:
     pinned = Adaptive(pinned=12)
     assert pinned.target == 12 and pinned.settled
-    assert pinned.throttled() and pinned.target == 6
+    assert pinned.throttled(100.0) and pinned.target == 6
     growing = Adaptive()
-    growing.throttled()
+    growing.throttled(100.0)
     assert growing.settled and not growing.measured(growing.target, 1e9)
+
+
+def test_a_burst_of_refusals_halves_once() -> None:
+    """The fill's first requests go out together, and a CDN refusing them refuses them together:
+    one halving, not one per request (two 503s took a fill from 8 to 2 connections)."""
+    adaptive = Adaptive()
+    assert adaptive.throttled(100.0) and adaptive.target == START // 2
+    assert not adaptive.throttled(100.2) and adaptive.target == START // 2
+    assert adaptive.throttled(102.0) and adaptive.target == START // 4  # still refused later: halve again
 
 
 def test_budget_shares_the_total_between_fills() -> None:
